@@ -1,0 +1,119 @@
+"""Tokenizer, corpus loading (files and the cached download) and batches."""
+
+import hashlib
+import io
+
+import pytest
+import torch
+
+from tinygpt import data
+from tinygpt.data import Batches, Tokenizer, read_text
+from tinygpt.errors import UserError
+
+
+def test_tokenizer_round_trip(corpus_path):
+    text = read_text(corpus_path)
+    tok = Tokenizer.from_text(text)
+    assert tok.vocab_size == len(set(text))
+    assert list(tok.chars) == sorted(tok.chars)
+    sample = text[1000:3000]
+    ids = tok.encode(sample)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == sample
+
+
+def test_tokenizer_lists_unknown_characters():
+    tok = Tokenizer.from_text("hello world")
+    with pytest.raises(UserError, match=r"characters not in the vocabulary: 'Z', 'x'"):
+        tok.encode("hex Zx")
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [(b"", "empty"), (b"abc\x00def", "binary"), (b"caf\xe9 au lait", "not UTF-8")],
+)
+def test_read_text_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        read_text(path)
+
+
+def test_read_text_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        read_text(tmp_path / "absent.txt")
+
+
+def test_batches_are_shifted_windows_of_the_split():
+    text = "".join(chr(ord("a") + i % 26) for i in range(5000))
+    tok = Tokenizer.from_text(text)
+    batches = Batches(text, tok, block_size=17, batch_size=5, device=torch.device("cpu"), seed=3)
+    x, y = batches.get("train")
+    assert x.shape == y.shape == (5, 17)
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])
+    assert ((y - x) % 26 == 1).all()  # the alphabet text: each target is the next letter
+    xv, _ = batches.get("val")
+    val = batches.splits["val"]
+    for row in xv:  # every val window is a slice of the last 10%
+        starts = (val.unfold(0, 17, 1) == row).all(dim=1)
+        assert starts.any()
+
+
+def test_batches_are_reproducible_from_state():
+    text = "abcdefghij" * 100
+    tok = Tokenizer.from_text(text)
+    a = Batches(text, tok, 8, 4, torch.device("cpu"), seed=1)
+    a.get("train")
+    state = a.state()
+    expected = a.get("train")[0]
+    b = Batches(text, tok, 8, 4, torch.device("cpu"), seed=99)
+    b.load_state(state)
+    torch.testing.assert_close(b.get("train")[0], expected)
+
+
+def test_text_shorter_than_a_block_is_an_error():
+    text = "abcdefghijklmnopqrstuvwxyz" * 4  # 104 chars: val split has 11
+    with pytest.raises(UserError, match="text too short.*block_size \\+ 1 = 17"):
+        Batches(text, Tokenizer.from_text(text), 16, 2, torch.device("cpu"), seed=0)
+
+
+class _FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_default_corpus_downloads_once_and_verifies(tmp_path, monkeypatch):
+    payload = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    calls = []
+    monkeypatch.setattr(data.urllib.request, "urlopen",
+                        lambda url, timeout: calls.append(url) or _FakeResponse(payload))
+    path = data.default_corpus()
+    assert path.read_bytes() == payload
+    assert data.default_corpus() == path
+    assert len(calls) == 1  # the second call used the cache
+
+
+def test_default_corpus_rejects_bad_download_and_keeps_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(data.urllib.request, "urlopen",
+                        lambda url, timeout: _FakeResponse(b"<html>rate limited</html>"))
+    with pytest.raises(UserError, match="sha256"):
+        data.default_corpus()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_corpus_offline_says_how_to_pass_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path))
+
+    def offline(url, timeout):
+        raise data.urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(UserError, match="--data FILE"):
+        data.default_corpus()
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,90 @@
+"""Model shapes, loss at initialisation, and backend agreement."""
+
+import math
+
+import pytest
+import torch
+
+from tinygpt.config import ModelConfig, from_preset
+from tinygpt.errors import UserError
+from tinygpt.model import GPT, BigramLanguageModel, build_model
+
+
+def tiny_config(**kw) -> ModelConfig:
+    values = dict(vocab_size=65, block_size=19, n_layer=2, n_head=3, n_embd=48, dropout=0.0)
+    return ModelConfig(**{**values, **kw})
+
+
+@pytest.mark.parametrize("model_kind", ["gpt", "bigram"])
+def test_output_shapes_and_initial_loss(model_kind):
+    cfg = tiny_config(model=model_kind)
+    model = build_model(cfg)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 16, 19))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (16, 19, cfg.vocab_size)
+    if model_kind == "gpt":  # small init: near-uniform predictions
+        assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.1
+    assert model(idx)[1] is None
+
+
+def test_gpt_rejects_sequences_longer_than_block():
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 20, dtype=torch.long))
+
+
+def test_bigram_uses_only_the_current_token():
+    model = BigramLanguageModel(tiny_config(model="bigram"))
+    a = torch.tensor([[1, 2, 3]])
+    b = torch.tensor([[7, 9, 3]])
+    torch.testing.assert_close(model(a)[0][:, -1], model(b)[0][:, -1])
+
+
+def test_gpt_is_causal():
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 65, (2, 19))
+    changed = idx.clone()
+    changed[:, 11:] = (changed[:, 11:] + 1) % 65
+    torch.testing.assert_close(model(idx)[0][:, :11], model(changed)[0][:, :11])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_and_torch_backends_agree(bias):
+    cfg = tiny_config(bias=bias)
+    torch.manual_seed(0)
+    ref = GPT(cfg, backend="reference").double()
+    fast = GPT(cfg, backend="torch").double()
+    fast.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 65, (3, 19))
+    logits_r, loss_r = ref(idx, idx)
+    logits_t, loss_t = fast(idx, idx)
+    torch.testing.assert_close(logits_r, logits_t)
+    loss_r.backward()
+    loss_t.backward()
+    for (name, p_r), p_t in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p_r.grad, p_t.grad, msg=name)
+
+
+def test_weight_tying_and_presets():
+    model = GPT(tiny_config())
+    assert model.lm_head.weight is model.tok_emb.weight
+    m, t = from_preset("shakespeare-char")
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (6, 6, 384, 256, 0.2)
+    assert (t.batch_size, t.lr, t.beta2, t.max_iters, t.eval_interval) == (64, 1e-3, 0.99, 5000, 250)
+    m, t = from_preset("cpu-baby")
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, t.batch_size) == (4, 4, 128, 64, 12)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [(dict(n_embd=100, n_head=3), "divisible"), (dict(block_size=0), "block_size"),
+     (dict(dropout=1.0), "dropout"), (dict(lr=0.0), "lr"), (dict(batch_size=0), "batch_size")],
+)
+def test_invalid_hyperparameters(overrides, message):
+    with pytest.raises(UserError, match=message):
+        from_preset("cpu-baby", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(UserError, match="unknown preset 'gpt5'.*cpu-baby"):
+        from_preset("gpt5")

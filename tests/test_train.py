@@ -1,0 +1,204 @@
+"""Training, checkpoints, resuming, sampling and the command line, on tiny CPU models."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tinygpt import checkpoint as ckpt_mod
+from tinygpt.checkpoint import load_checkpoint, save_checkpoint
+from tinygpt.cli import main
+from tinygpt.config import ModelConfig
+from tinygpt.errors import UserError
+from tinygpt.model import build_model
+from tinygpt.train import train
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0,
+            eval_iters=4, warmup_iters=10, lr=3e-3, device="cpu", backend="torch")
+
+
+def tiny_run(tmp_path, corpus, **kw):
+    overrides = {**TINY, "out_dir": str(tmp_path / "out"), **kw}
+    return train("cpu-baby", overrides, data=str(corpus), log_interval=1000)
+
+
+def run_cli(capsys, *argv):
+    capsys.readouterr()  # drop what earlier steps printed
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_training_lowers_val_loss(tmp_path, corpus_path):
+    summary = tiny_run(tmp_path, corpus_path, max_iters=200, eval_interval=100,
+                       lr_decay_iters=200)
+    first, last = summary["history"][0], summary["history"][-1]
+    assert [h["iter"] for h in summary["history"]] == [0, 100, 200]
+    assert abs(first["val"] - 4.17) < 0.3  # about ln(vocab) at init
+    assert last["val"] < first["val"] - 1.2, summary["history"]
+    assert (tmp_path / "out" / "best.pt").is_file() and (tmp_path / "out" / "last.pt").is_file()
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    cfg = ModelConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    model = build_model(cfg)
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"model_config": vars(cfg), "train_config": {}, "iteration": 7,
+                           "model": model.state_dict(), "vocab": "abcdefghijk"})
+    loaded = load_checkpoint(path)
+    clone = build_model(ModelConfig(**loaded["model_config"]))
+    clone.load_state_dict(loaded["model"])
+    idx = torch.randint(0, 11, (2, 16))
+    assert torch.equal(model(idx)[0], clone(idx)[0])
+    assert loaded["iteration"] == 7
+
+
+def test_resume_continues_exactly(tmp_path, corpus_path):
+    full = tiny_run(tmp_path / "a", corpus_path, max_iters=30, eval_interval=10, dropout=0.1)
+    tiny_run(tmp_path / "b", corpus_path, max_iters=20, eval_interval=10, dropout=0.1)
+    assert load_checkpoint(tmp_path / "b" / "out" / "last.pt")["iteration"] == 20
+    resumed = train("cpu-baby", {"max_iters": 30, "out_dir": str(tmp_path / "b" / "out")},
+                    data=str(corpus_path), resume=True, log_interval=1000)
+    assert resumed["steps"] == 10
+    assert [(h["train"], h["val"]) for h in resumed["history"]] == [
+        (h["train"], h["val"]) for h in full["history"][-1:]]
+    a = load_checkpoint(tmp_path / "a" / "out" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "out" / "last.pt")["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_rejects_other_model_or_data(tmp_path, corpus_path, small_text_file):
+    tiny_run(tmp_path, corpus_path, max_iters=2, eval_interval=1)
+    out = str(tmp_path / "out")
+    with pytest.raises(UserError, match="n-layer 3 differs"):
+        train("cpu-baby", {"out_dir": out, "n_layer": 3}, data=str(corpus_path), resume=True)
+    if small_text_file.read_text() != corpus_path.read_text():
+        with pytest.raises(UserError, match="different vocabulary"):
+            train("cpu-baby", {"out_dir": out}, data=str(small_text_file), resume=True)
+
+
+def test_sampling_is_seeded(tmp_path, corpus_path, capsys):
+    tiny_run(tmp_path, corpus_path, max_iters=20, eval_interval=10)
+    args = ["sample", "--out-dir", str(tmp_path / "out"), "--prompt", "Th",
+            "--max-new-tokens", "40", "--device", "cpu"]
+    rc, first, _ = run_cli(capsys, *args, "--seed", "5")
+    assert rc == 0 and first.startswith("Th") and len(first) == len("Th") + 40 + 1
+    assert run_cli(capsys, *args, "--seed", "5")[1] == first
+    assert run_cli(capsys, *args, "--seed", "6")[1] != first
+    rc, two, _ = run_cli(capsys, *args, "--num-samples", "2", "--temperature", "0")
+    assert rc == 0 and two.count("-" * 40) == 1
+
+
+def _one_line_error(rc, err, needle):
+    assert rc == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tinygpt: error:") and needle in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [(None, "not found"), (b"", "empty"), (b"\xff\xfe\x00a", "binary"),
+     (b"caf\xe9" * 50, "not UTF-8"), (b"short text", "text too short")],
+)
+def test_bad_data_gives_one_line_error(tmp_path, capsys, content, needle):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    rc, _, err = run_cli(capsys, "train", "--data", str(path), "--device", "cpu",
+                         "--out-dir", str(tmp_path / "out"))
+    _one_line_error(rc, err, needle)
+
+
+def test_unknown_preset_and_bad_hyperparameter(tmp_path, capsys, corpus_path):
+    rc, _, err = run_cli(capsys, "train", "--preset", "huge", "--data", str(corpus_path))
+    _one_line_error(rc, err, "unknown preset 'huge'")
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--n-embd", "130",
+                         "--data", str(corpus_path))
+    _one_line_error(rc, err, "divisible by n_head")
+
+
+def test_unknown_prompt_characters(tmp_path, corpus_path, capsys):
+    tiny_run(tmp_path, corpus_path, max_iters=1, eval_interval=1)
+    rc, _, err = run_cli(capsys, "sample", "--out-dir", str(tmp_path / "out"),
+                         "--prompt", "hi \u00e9\u4e2d", "--device", "cpu")
+    _one_line_error(rc, err, "'\u00e9', '\u4e2d'")
+
+
+def test_corrupt_and_truncated_checkpoints(tmp_path, corpus_path, capsys):
+    tiny_run(tmp_path, corpus_path, max_iters=1, eval_interval=1)
+    good = (tmp_path / "out" / "best.pt").read_bytes()
+    cases = {"truncated.pt": good[: len(good) // 2], "garbage.pt": os.urandom(4096),
+             "missing.pt": None}
+    for name, content in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        rc, _, err = run_cli(capsys, "sample", "--ckpt", str(tmp_path / name), "--device", "cpu")
+        _one_line_error(rc, err, "not found" if content is None else "corrupt or truncated")
+
+
+def test_checkpoint_from_newer_format(tmp_path):
+    path = tmp_path / "new.pt"
+    save_checkpoint(path, {"model_config": {}, "train_config": {}, "model": {}, "iteration": 0,
+                           "vocab": "ab"})
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = ckpt_mod.FORMAT_VERSION + 1
+    torch.save(payload, path)
+    with pytest.raises(UserError, match="newer"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_refuses_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "model_config": {}, "train_config": {}, "model": {},
+                "iteration": 0, "vocab": "ab", "payload": os.system}, path)
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"iteration": 1})
+    before = path.read_bytes()
+
+    def dies_halfway(obj, f):
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"iteration": 2})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_nan_loss_stops_cleanly(tmp_path, corpus_path, capsys):
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
+                         "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+                         "--lr", "1e20", "--warmup-iters", "0", "--grad-clip", "0",
+                         "--max-iters", "50", "--eval-interval", "25", "--eval-iters", "2",
+                         "--device", "cpu", "--out-dir", str(tmp_path / "out"))
+    _one_line_error(rc, err.strip().splitlines()[-1] + "\n", "not finite")
+    assert load_checkpoint(tmp_path / "out" / "best.pt")["iteration"] == 0
+
+
+def test_python_dash_m_and_sigint(tmp_path, corpus_path):
+    cmd = [sys.executable, "-m", "tinygpt", "train", "--preset", "cpu-baby",
+           "--data", str(corpus_path), "--device", "cpu", "--n-layer", "1", "--n-embd", "32",
+           "--max-iters", "100000", "--eval-interval", "100000", "--eval-iters", "1",
+           "--log-interval", "1", "--out-dir", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until training steps are running
+        if "/100000 loss" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in err
+    ck = load_checkpoint(tmp_path / "out" / "last.pt")
+    assert ck["iteration"] >= 1

@@ -1,0 +1,61 @@
+"""Checkpoints: written atomically, read back without executing code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts saved with
+`torch.save` and loaded with `weights_only=True`, so loading one never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model_config", "train_config", "model", "iteration", "vocab")
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    """Write `payload` to `path` so that a crash at any moment leaves either the old or the new
+    file, never a partial one: temporary file, flush, fsync, rename, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read and check a checkpoint; every problem becomes one UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, disallowed global, ...
+        reason = str(e).strip().split("\n")[0].split(". ")[0] or type(e).__name__
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({reason})") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise UserError(f"checkpoint {path} is not a tinygpt checkpoint (missing fields)")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint {path} has format version {ckpt['format_version']}, newer than this "
+            f"tinygpt understands ({FORMAT_VERSION}); upgrade tinygpt"
+        )
+    return ckpt

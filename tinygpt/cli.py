@@ -1,0 +1,141 @@
+"""Command line: `tinygpt train` and `tinygpt sample` (also `python -m tinygpt`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from .config import PRESETS, ModelConfig, TrainConfig, fields_of
+from .errors import UserError
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (`n_layer` -> `--n-layer`); unset flags keep the preset's value."""
+    for cls, title in ((ModelConfig, "model"), (TrainConfig, "training")):
+        group = parser.add_argument_group(f"{title} options (default: the preset's value)")
+        for f in fields_of(cls):
+            if not f.metadata.get("cli", True):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kwargs = {"dest": f.name, "default": None, "help": f.metadata["help"]}
+            if f.type in ("bool", bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
+                kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
+                if "choices" in f.metadata:
+                    kwargs["choices"] = f.metadata["choices"]
+            group.add_argument(flag, **kwargs)
+
+
+def _preset_table() -> str:
+    lines = ["presets:"]
+    for name, values in PRESETS.items():
+        shown = ", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults below"
+        lines.append(f"  {name:17s} {shown}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinygpt", description="Train and sample a character-level GPT.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", help="train a model", epilog=_preset_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train on tiny Shakespeare (downloaded once and cached) or on --data FILE. "
+                    "Checkpoints: OUT_DIR/best.pt (best val loss) and OUT_DIR/last.pt.")
+    train.add_argument("--preset", help="named configuration (default: shakespeare-char on "
+                                        "CUDA, cpu-baby elsewhere)")
+    train.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT_DIR/last.pt (training options may be changed)")
+    train.add_argument("--log-interval", type=int, default=10, metavar="N",
+                       help="report the training loss every N steps (default: 10)")
+    _add_config_flags(train)
+
+    sample = sub.add_parser("sample", help="generate text from a checkpoint")
+    sample.add_argument("--ckpt", metavar="PATH", help="checkpoint (default: OUT_DIR/best.pt)")
+    sample.add_argument("--out-dir", default="out", help="where `train` wrote its checkpoints")
+    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    sample.add_argument("--max-new-tokens", type=int, default=500, metavar="N")
+    sample.add_argument("--temperature", type=float, default=0.8,
+                        help="sampling temperature; 0 picks the most likely character")
+    sample.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help="sample only among the K most likely characters")
+    sample.add_argument("--seed", type=int, default=1337)
+    sample.add_argument("--num-samples", type=int, default=1, metavar="N")
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--backend", default="auto",
+                        choices=("auto", "triton", "torch", "reference"))
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import pick_device, train
+
+    names = [f.name for cls in (ModelConfig, TrainConfig) for f in fields_of(cls)]
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if args.log_interval < 1:
+        raise UserError("--log-interval must be at least 1")
+    preset = args.preset
+    if preset is None and not args.resume:
+        cuda = pick_device(overrides.get("device", "auto")).type == "cuda"
+        preset = "shakespeare-char" if cuda else "cpu-baby"
+    summary = train(preset or "shakespeare-char", overrides, data=args.data, resume=args.resume,
+                    log_interval=args.log_interval)
+    signum = summary["interrupted_by"]
+    return 128 + signum if signum else 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import ops
+    from .checkpoint import load_checkpoint
+    from .config import ModelConfig
+    from .data import Tokenizer
+    from .generate import generate
+    from .model import build_model
+    from .train import pick_device
+
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise UserError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    if not args.prompt:
+        raise UserError("--prompt must contain at least one character")
+    ckpt = load_checkpoint(Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "best.pt")
+    device = pick_device(args.device)
+    tokenizer = Tokenizer(ckpt["vocab"])
+    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
+    model = build_model(ModelConfig(**ckpt["model_config"]), ops.resolve_backend(args.backend, device))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    for i in range(args.num_samples):
+        out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator)
+        if i:
+            print("-" * 40)
+        print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "sample": cmd_sample}[args.command](args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"tinygpt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tinygpt: interrupted", file=sys.stderr)
+        return 130

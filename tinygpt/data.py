@@ -1,0 +1,149 @@
+"""Corpus loading, the character tokenizer, and random training batches."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TRAIN_FRACTION = 0.9
+
+
+def cache_dir() -> Path:
+    """Where downloads live: $TINYGPT_CACHE, else the platform's user cache directory."""
+    if env := os.environ.get("TINYGPT_CACHE"):
+        return Path(env)
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "tinygpt"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def default_corpus() -> Path:
+    """tiny Shakespeare, downloaded once, verified by sha256 and cached.
+
+    The download goes to a temporary file that replaces the cache only once its checksum
+    matches, so an interrupted or corrupted download never spoils a good cache.
+    """
+    path = cache_dir() / "tinyshakespeare.txt"
+    if path.is_file() and _sha256(path) == SHAKESPEARE_SHA256:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading tiny Shakespeare to {path}", file=sys.stderr)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".download-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
+            out.write(r.read())
+        if _sha256(Path(tmp)) != SHAKESPEARE_SHA256:
+            raise UserError(
+                f"the download from {SHAKESPEARE_URL} does not match its sha256; "
+                "pass your own copy with --data FILE"
+            )
+        os.replace(tmp, path)
+    except OSError as e:  # URLError is an OSError
+        raise UserError(
+            f"could not download tiny Shakespeare ({e}); pass a local text file with --data FILE"
+        ) from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The whole file as text, or a UserError saying why it cannot be a corpus."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"data path is not a file: {path}")
+    raw = path.read_bytes()
+    if not raw:
+        raise UserError(f"data file is empty: {path}")
+    if b"\x00" in raw:
+        raise UserError(f"data file looks binary (it contains NUL bytes): {path}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file is not UTF-8 text (bad byte at offset {e.start}): {path}") from e
+
+
+class Tokenizer:
+    """Maps each distinct character of the corpus to an integer id (sorted by code point)."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> Tokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        missing = sorted(set(text) - self.stoi.keys())
+        if missing:
+            shown = ", ".join(repr(c) for c in missing)
+            raise UserError(f"characters not in the vocabulary: {shown}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+class Batches:
+    """Random (input, target) windows from a 90/10 train/val split, drawn on `device`.
+
+    The windows come from a private generator seeded with `seed`, so batches are reproducible and
+    their position can be saved in a checkpoint (`state()` / `load_state()`).
+    """
+
+    def __init__(self, text: str, tokenizer: Tokenizer, block_size: int, batch_size: int,
+                 device: torch.device, seed: int):
+        data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+        n_train = int(TRAIN_FRACTION * len(data))
+        self.splits = {"train": data[:n_train].to(device), "val": data[n_train:].to(device)}
+        for name, split in self.splits.items():
+            if len(split) < block_size + 1:
+                raise UserError(
+                    f"text too short: {len(data)} characters leave {len(split)} for the {name} "
+                    f"split, which needs at least block_size + 1 = {block_size + 1}; "
+                    f"use more text or a smaller --block-size"
+                )
+        self.block_size, self.batch_size, self.device = block_size, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(block_size + 1, device=device)  # (T+1,)
+
+    def get(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.splits[split]
+        starts = torch.randint(len(data) - self.block_size, (self.batch_size,),
+                               generator=self.generator)  # (B,)
+        windows = data[starts.to(self.device)[:, None] + self.offsets]  # (B, T+1)
+        return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)

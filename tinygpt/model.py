@@ -1,0 +1,149 @@
+"""The models: a bigram baseline and a pre-norm, decoder-only GPT.
+
+Attention and LayerNorm go through `tinygpt.ops`, the single dispatch point, with the concrete
+backend name (`reference`, `torch` or `triton`) the model was built with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import ModelConfig
+
+
+class LanguageModel(nn.Module):
+    """What training and sampling need from a model: logits, and the loss when targets are given."""
+
+    config: ModelConfig
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+        if targets is None:
+            return None
+        # (B, T, V) -> (B*T, V) against (B, T) -> (B*T,)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class BigramLanguageModel(LanguageModel):
+    """Each character's logits for the next one come straight from a (V, V) lookup table."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.table = nn.Embedding(config.vocab_size, config.vocab_size)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.table(idx)  # (B, T, V)
+        return logits, self.loss(logits, targets)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (nanoGPT's `bias=False`), run by the chosen backend."""
+
+    def __init__(self, n: int, bias: bool, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, backend)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        qkv = self.qkv(x).view(B, T, 3, H, D)  # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D), strided views
+        p = self.dropout if self.training else 0.0
+        y = ops.attention(q, k, v, dropout_p=p, backend=backend)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x, backend), backend)
+        return x + self.mlp(self.ln2(x, backend))
+
+
+class GPT(LanguageModel):
+    """Token + position embeddings, `n_layer` pre-norm blocks, a final LayerNorm, and a head
+    whose weight is shared with the token embedding."""
+
+    def __init__(self, config: ModelConfig, backend: str = "torch"):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, self.backend)
+        logits = self.lm_head(self.ln_f(x, self.backend))  # (B, T, V)
+        return logits, self.loss(logits, targets)
+
+
+def build_model(config: ModelConfig, backend: str = "torch") -> LanguageModel:
+    if config.model == "bigram":
+        return BigramLanguageModel(config)
+    return GPT(config, backend)

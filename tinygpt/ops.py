@@ -1,0 +1,95 @@
+"""The one dispatch point: which implementation runs attention and LayerNorm.
+
+Backends:
+  reference  the explicit math in `tinygpt.kernels.reference` (the truth tests compare against);
+  torch      PyTorch built-ins (`scaled_dot_product_attention`, `layer_norm`), for cpu and mps;
+  triton     the fused kernels in `tinygpt.kernels`, for CUDA (or the CPU under TRITON_INTERPRET=1);
+  auto       triton on CUDA when triton imports, torch otherwise.
+
+`$TINYGPT_BACKEND` replaces `auto` with a fixed choice. Nothing else in tinygpt branches on the
+device or the backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from tinygpt.kernels.reference import attention_reference, layer_norm_reference
+
+from .errors import UserError
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+
+        import tinygpt.kernels.attention  # noqa: F401
+        import tinygpt.kernels.layernorm  # noqa: F401
+    except Exception as e:  # an ImportError, or a broken triton install
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(requested: str, device: torch.device | str) -> str:
+    """The concrete backend for `requested` on `device`; raises UserError if it cannot run."""
+    device = torch.device(device)
+    if requested == "auto":
+        requested = os.environ.get("TINYGPT_BACKEND", "auto")
+    if requested not in BACKENDS:
+        raise UserError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
+    if requested == "auto":
+        if device.type != "cuda":
+            return "torch"
+        if (err := _triton_import_error()) is not None:
+            warnings.warn(f"triton is not usable ({err}); falling back to the torch backend")
+            return "torch"
+        return "triton"
+    if requested == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and _interpreted()):
+            raise UserError(
+                f"backend 'triton' needs a CUDA device, not {device.type} "
+                "(on the CPU only under TRITON_INTERPRET=1, which is very slow)"
+            )
+        if (err := _triton_import_error()) is not None:
+            raise UserError(f"backend 'triton' is not usable here: {err}")
+    return requested
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+              backend: str) -> torch.Tensor:
+    """Causal self-attention; q, k, v: (B, H, T, D) -> (B, H, T, D)."""
+    if backend == "torch":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if backend == "triton":
+        from tinygpt.kernels import attention as fused_attention
+
+        return fused_attention(q, k, v, causal=True, dropout_p=dropout_p)
+    if backend == "reference":
+        return attention_reference(q, k, v, causal=True, dropout_p=dropout_p)
+    raise ValueError(f"backend must be resolved first, got {backend!r}")
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float, backend: str) -> torch.Tensor:
+    """LayerNorm over the last dimension of x: (..., N)."""
+    if backend == "torch":
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    if backend == "triton":
+        from tinygpt.kernels import layer_norm as fused_layer_norm
+
+        return fused_layer_norm(x, weight, bias, eps)
+    if backend == "reference":
+        return layer_norm_reference(x, weight, bias, eps)
+    raise ValueError(f"backend must be resolved first, got {backend!r}")
