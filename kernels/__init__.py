@@ -1,21 +1,23 @@
 """tinygpt.kernels: fused Triton kernels and their pure-PyTorch references.
 
-`reference` needs only torch. The Triton ops import triton on first use, so this package also
-imports on machines without it (macOS, Windows, CPU-only installs).
+`reference` needs only torch. Without a usable Triton (macOS, Windows, broken installs) this
+package still imports; the Triton ops then raise ImportError saying why, and
+`TRITON_IMPORT_ERROR` holds the reason.
 """
 
-import importlib
+from .reference import attention_reference, layer_norm_reference
 
-_LAZY = {
-    "layer_norm": "layernorm",
-    "attention": "attention",
-    "attention_dropout_mask": "attention",
-}
+TRITON_IMPORT_ERROR: str | None = None
+try:
+    from .attention import attention, attention_dropout_mask
+    from .layernorm import layer_norm
+except ImportError as e:
+    TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
-__all__ = ["layer_norm", "attention", "attention_dropout_mask"]
+    def _unavailable(*args, **kwargs):
+        raise ImportError(f"the Triton kernels are unavailable ({TRITON_IMPORT_ERROR})")
 
+    attention = attention_dropout_mask = layer_norm = _unavailable
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+__all__ = ["attention", "attention_dropout_mask", "layer_norm", "attention_reference",
+           "layer_norm_reference", "TRITON_IMPORT_ERROR"]

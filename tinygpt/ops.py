@@ -12,30 +12,18 @@ device or the backend.
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from tinygpt import kernels
 from tinygpt.kernels.reference import attention_reference, layer_norm_reference
 
 from .errors import UserError
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-
-
-@functools.cache
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-
-        import tinygpt.kernels.attention  # noqa: F401
-        import tinygpt.kernels.layernorm  # noqa: F401
-    except Exception as e:  # an ImportError, or a broken triton install
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def _interpreted() -> bool:
@@ -52,7 +40,7 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
     if requested == "auto":
         if device.type != "cuda":
             return "torch"
-        if (err := _triton_import_error()) is not None:
+        if (err := kernels.TRITON_IMPORT_ERROR) is not None:
             warnings.warn(f"triton is not usable ({err}); falling back to the torch backend")
             return "torch"
         return "triton"
@@ -62,7 +50,7 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
                 f"backend 'triton' needs a CUDA device, not {device.type} "
                 "(on the CPU only under TRITON_INTERPRET=1, which is very slow)"
             )
-        if (err := _triton_import_error()) is not None:
+        if (err := kernels.TRITON_IMPORT_ERROR) is not None:
             raise UserError(f"backend 'triton' is not usable here: {err}")
     return requested
 
@@ -73,9 +61,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     if backend == "torch":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     if backend == "triton":
-        from tinygpt.kernels import attention as fused_attention
-
-        return fused_attention(q, k, v, causal=True, dropout_p=dropout_p)
+        return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
     if backend == "reference":
         return attention_reference(q, k, v, causal=True, dropout_p=dropout_p)
     raise ValueError(f"backend must be resolved first, got {backend!r}")
@@ -87,9 +73,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     if backend == "torch":
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     if backend == "triton":
-        from tinygpt.kernels import layer_norm as fused_layer_norm
-
-        return fused_layer_norm(x, weight, bias, eps)
+        return kernels.layer_norm(x, weight, bias, eps)
     if backend == "reference":
         return layer_norm_reference(x, weight, bias, eps)
     raise ValueError(f"backend must be resolved first, got {backend!r}")
