@@ -5,10 +5,14 @@ from __future__ import annotations
 import datetime
 import platform
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+CUDA = torch.cuda.is_available()
 
 
 def device_name() -> str:
@@ -57,5 +61,60 @@ def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: 
     path.parent.mkdir(parents=True, exist_ok=True)
     env_lines = "\n".join(f"- {k}: `{v}`" for k, v in env.items())
     path.write_text(f"# {title}\n\n{env_lines}\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
+    print(f"wrote {path}")
+    return path
+
+
+def median_ms(fn, grad_to_none=None) -> float:
+    """Median wall time of fn() in milliseconds: triton's do_bench on CUDA (L2 flushed between
+    runs, gradients reset), a warmed-up perf_counter loop of at least 0.3 s elsewhere."""
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                       return_mode="median")
+    for _ in range(2):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < 0.3:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        for t in grad_to_none or ():
+            t.grad = None
+    return 1000 * statistics.median(times)
+
+
+def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth (read + write) in GB/s, the ceiling for memory-bound ops."""
+    device = "cuda" if CUDA else "cpu"
+    n_bytes = n_bytes if CUDA else n_bytes // 8
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * n_bytes / ms / 1e6
+
+
+def plot(path: Path, title: str, x_label: str, y_label: str, series: dict[str, list[tuple]]):
+    """A PNG line plot, one line per provider; skipped (with a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib not installed: no plot {path.name}")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set(title=title, xlabel=x_label, ylabel=y_label)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
     return path
