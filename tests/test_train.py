@@ -171,7 +171,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(ckpt_mod.torch, "save", dies_halfway)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoint"):
         save_checkpoint(path, {"iteration": 2})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
@@ -202,3 +202,80 @@ def test_python_dash_m_and_sigint(tmp_path, corpus_path):
     assert "stopped by SIGINT" in err
     ck = load_checkpoint(tmp_path / "out" / "last.pt")
     assert ck["iteration"] >= 1
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+import torch
+from tinygpt import checkpoint
+
+path = sys.argv[1]
+checkpoint.save_checkpoint(path, {"iteration": 1, "model": {"w": torch.ones(1000)}})
+real_save = torch.save
+
+def crash_halfway(obj, f):
+    f.write(b"PK partial zip")  # some bytes reach the temporary file, then the process dies
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.torch.save = crash_halfway
+checkpoint.save_checkpoint(path, {"iteration": 2, "model": {"w": torch.zeros(1000)}})
+"""
+
+
+def test_killed_while_writing_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(path)], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the torn temporary file
+    ck = torch.load(path, weights_only=True)
+    assert ck["iteration"] == 1 and torch.equal(ck["model"]["w"], torch.ones(1000))
+    save_checkpoint(path, {"iteration": 3})  # the next save clears the debris
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_absent_device_is_a_clear_error(tmp_path, capsys, corpus_path, device):
+    if (device == "cuda" and torch.cuda.is_available()) or (
+            device == "mps" and torch.backends.mps.is_available()):
+        pytest.skip(f"{device} is present here")
+    rc, _, err = run_cli(capsys, "train", "--data", str(corpus_path), "--device", device,
+                         "--out-dir", str(tmp_path))
+    _one_line_error(rc, err, f"--device {device} was requested")
+
+
+def test_forced_triton_backend_that_cannot_run(tmp_path, capsys, corpus_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rc, _, err = run_cli(capsys, "train", "--data", str(corpus_path), "--device", "cpu",
+                         "--backend", "triton", "--out-dir", str(tmp_path))
+    _one_line_error(rc, err, "backend 'triton' needs a CUDA device")
+
+
+def test_sigterm_saves_and_exits_143(tmp_path, corpus_path):
+    cmd = [sys.executable, "-m", "tinygpt", "train", "--preset", "cpu-baby",
+           "--data", str(corpus_path), "--device", "cpu", "--n-layer", "1", "--n-embd", "32",
+           "--max-iters", "100000", "--eval-interval", "100000", "--eval-iters", "1",
+           "--log-interval", "1", "--out-dir", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "/100000 loss" in line:
+            break
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] >= 1
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path, capsys):
+    cfg = ModelConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    state = build_model(cfg).state_dict()
+    cfg.n_layer = 3  # the stored config now claims a layer the weights lack
+    save_checkpoint(tmp_path / "best.pt", {"model_config": vars(cfg), "train_config": {},
+                                           "iteration": 0, "model": state, "vocab": "abcdefghijk"})
+    rc, _, err = run_cli(capsys, "sample", "--out-dir", str(tmp_path), "--prompt", "a",
+                         "--device", "cpu")
+    _one_line_error(rc, err, "weights do not fit the model")
+    save_checkpoint(tmp_path / "best.pt", {"model_config": {"n_layers": 2}, "train_config": {},
+                                           "iteration": 0, "model": state, "vocab": "ab"})
+    rc, _, err = run_cli(capsys, "sample", "--out-dir", str(tmp_path), "--device", "cpu")
+    _one_line_error(rc, err, "unreadable model_config")

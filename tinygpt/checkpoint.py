@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ModelConfig, TrainConfig
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -20,18 +21,27 @@ REQUIRED_KEYS = ("format_version", "model_config", "train_config", "model", "ite
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     """Write `payload` to `path` so that a crash at any moment leaves either the old or the new
-    file, never a partial one: temporary file, flush, fsync, rename, fsync the directory."""
+    file, never a partial one: temporary file, flush, fsync, rename, fsync the directory.
+    A failed write (a full disk, say) raises UserError and leaves the old file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a crash mid-write
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); "
+                            "the previous checkpoint there is unchanged") from e
         raise
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -58,4 +68,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"checkpoint {path} has format version {ckpt['format_version']}, newer than this "
             f"tinygpt understands ({FORMAT_VERSION}); upgrade tinygpt"
         )
+    for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
+        try:
+            cls(**ckpt[key])
+        except TypeError as e:
+            raise UserError(f"checkpoint {path} has an unreadable {key} ({e})") from e
     return ckpt
+
+
+def restore(target, state: dict, path: str | os.PathLike, what: str = "weights") -> None:
+    """`target.load_state_dict(state)` (a model or an optimizer), with a clear error when the
+    checkpoint's tensors do not fit it."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path}: its {what} do not fit the model ({first})") from e

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampling temperature; 0 picks the most likely character")
     sample.add_argument("--top-k", type=int, default=None, metavar="K",
                         help="sample only among the K most likely characters")
+    sample.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help="sample only among the most likely characters that make up P")
+    sample.add_argument("--cache", default="shift", choices=("shift", "exact", "off"),
+                        help="key/value cache: shift (default, constant cost per character), "
+                             "exact (same tokens as off), off (re-run the context every step)")
     sample.add_argument("--seed", type=int, default=1337)
     sample.add_argument("--num-samples", type=int, default=1, metavar="N")
     sample.add_argument("--device", default="auto")
@@ -96,7 +101,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from . import ops
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, restore
     from .config import ModelConfig
     from .data import Tokenizer
     from .generate import generate
@@ -109,21 +114,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.prompt:
         raise UserError("--prompt must contain at least one character")
-    ckpt = load_checkpoint(Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "best.pt")
+    path = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "best.pt"
+    ckpt = load_checkpoint(path)
     device = pick_device(args.device)
     tokenizer = Tokenizer(ckpt["vocab"])
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     model = build_model(ModelConfig(**ckpt["model_config"]), ops.resolve_backend(args.backend, device))
-    model.load_state_dict(ckpt["model"])
+    restore(model, ckpt["model"], path)
     model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def stream(token: torch.Tensor) -> None:
+        sys.stdout.write(tokenizer.decode(token[0].tolist()))
+        sys.stdout.flush()
+
     for i in range(args.num_samples):
-        out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator)
         if i:
             print("-" * 40)
-        print(tokenizer.decode(out[0].tolist()))
+        sys.stdout.write(args.prompt)
+        generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                 generator, cache=args.cache, on_token=stream)
+        print(flush=True)
     return 0
 
 

@@ -66,13 +66,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: str, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         qkv = self.qkv(x).view(B, T, 3, H, D)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D), strided views
+        causal = True
+        if cache is not None:
+            causal = cache.length == 0  # prefill is causal; a decode step sees the whole cache
+            k, v = cache.append(layer, k, v)  # 2 x (B, H, S, D), S = cached + T
         p = self.dropout if self.training else 0.0
-        y = ops.attention(q, k, v, dropout_p=p, backend=backend)  # (B, H, T, D)
+        y = ops.attention(q, k, v, dropout_p=p, backend=backend, causal=causal)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -98,8 +103,9 @@ class Block(nn.Module):
         self.ln2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x, backend), backend)
+    def forward(self, x: torch.Tensor, backend: str, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x, backend), backend, cache, layer)
         return x + self.mlp(self.ln2(x, backend))
 
 
@@ -131,16 +137,51 @@ class GPT(LanguageModel):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None):
+        """Logits for idx (B, T); with `cache`, idx continues the cached positions."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        start = 0 if cache is None else cache.length
+        if start and T != 1:
+            raise ValueError("after the prefill, a cached forward takes one token at a time")
+        if start + T > self.config.block_size:
+            raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, self.backend)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, self.backend, cache, layer)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.ln_f(x, self.backend))  # (B, T, V)
         return logits, self.loss(logits, targets)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, for incremental decoding.
+
+    Buffers are (B, H, block_size, D) per layer, allocated on first use in the keys' dtype.
+    Positions are absolute: a full cache cannot take another token (see `generate`).
+    """
+
+    def __init__(self, config: ModelConfig):
+        self.block_size = config.block_size
+        self.keys: list[torch.Tensor | None] = [None] * config.n_layer
+        self.values: list[torch.Tensor | None] = [None] * config.n_layer
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, D) after the cached positions; return all of them (B, H, S, D)."""
+        B, H, T, D = k.shape
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_empty((B, H, self.block_size, D))
+            self.values[layer] = v.new_empty((B, H, self.block_size, D))
+        end = self.length + T
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
 
 
 def build_model(config: ModelConfig, backend: str = "torch") -> LanguageModel:

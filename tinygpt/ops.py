@@ -56,14 +56,15 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
-              backend: str) -> torch.Tensor:
-    """Causal self-attention; q, k, v: (B, H, T, D) -> (B, H, T, D)."""
+              backend: str, causal: bool = True) -> torch.Tensor:
+    """Self-attention; q: (B, H, T, D), k, v: (B, H, S, D) -> (B, H, T, D). `causal=False` is
+    for decoding, where T new queries (T = 1) see every cached key."""
     if backend == "torch":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
     if backend == "triton":
-        return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
+        return kernels.attention(q, k, v, causal=causal, dropout_p=dropout_p)
     if backend == "reference":
-        return attention_reference(q, k, v, causal=True, dropout_p=dropout_p)
+        return attention_reference(q, k, v, causal=causal, dropout_p=dropout_p)
     raise ValueError(f"backend must be resolved first, got {backend!r}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import ModelConfig, TrainConfig, from_preset
 from .data import Batches, Tokenizer, default_corpus, read_text
 from .errors import UserError
@@ -180,8 +180,8 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
     overrides = dict(overrides or {})
     ckpt = None
     if resume:
-        out_dir = Path(overrides.get("out_dir") or TrainConfig.out_dir)
-        ckpt = load_checkpoint(out_dir / "last.pt")
+        ckpt_path = Path(overrides.get("out_dir") or TrainConfig.out_dir) / "last.pt"
+        ckpt = load_checkpoint(ckpt_path)
     else:
         model_cfg, cfg = from_preset(preset, **overrides)  # bad options fail before any I/O
     text, data_name = _load_corpus(data)
@@ -206,8 +206,8 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     start_iter, best_val = 0, math.inf
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        restore(model, ckpt["model"], ckpt_path)
+        restore(optimizer, ckpt["optimizer"], ckpt_path, what="optimizer state")
         start_iter, best_val = ckpt["iteration"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:

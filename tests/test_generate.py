@@ -1,0 +1,127 @@
+"""Generation: the key/value cache gives the same tokens, sampling filters hold, output streams."""
+
+import pytest
+import torch
+
+from tinygpt.cli import main
+from tinygpt.config import ModelConfig
+from tinygpt.data import Tokenizer
+from tinygpt.generate import generate, sample_next
+from tinygpt.model import GPT
+
+
+def model_for_generation(block_size=24, backend="torch", dtype=torch.float64):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=13, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+                      dropout=0.0)
+    model = GPT(cfg, backend=backend).to(dtype).eval()
+    with torch.no_grad():  # sharper distributions than the near-uniform init
+        for p in model.parameters():
+            p.mul_(6.0) if p.dim() == 2 else None
+    return model
+
+
+def run(model, prompt, n, cache, temperature=1.0, seed=0, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    return generate(model, prompt, n, temperature=temperature, generator=gen, cache=cache, **kw)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cache_gives_the_same_tokens_within_the_block(temperature):
+    model = model_for_generation()
+    prompt = torch.randint(0, 13, (3, 5))
+    uncached = run(model, prompt, 19, "off", temperature)  # 5 + 19 = block_size
+    for mode in ("shift", "exact"):
+        assert torch.equal(run(model, prompt, 19, mode, temperature), uncached), mode
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_exact_mode_matches_uncached_past_the_block(temperature):
+    model = model_for_generation()
+    prompt = torch.randint(0, 13, (2, 7))
+    assert torch.equal(run(model, prompt, 60, "exact", temperature),
+                       run(model, prompt, 60, "off", temperature))
+
+
+def test_shift_mode_keeps_between_half_and_full_context(monkeypatch):
+    model = model_for_generation(block_size=16)
+    contexts = []
+    forward = GPT.forward
+
+    def spy(self, idx, targets=None, cache=None):
+        start = 0 if cache is None else cache.length
+        contexts.append(start + idx.shape[1])  # positions the prediction conditions on
+        return forward(self, idx, targets, cache)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    out = run(model, torch.randint(0, 13, (1, 10)), 70, "shift")
+    assert out.shape == (1, 80)
+    assert contexts[0] == 10 and all(8 <= c <= 16 for c in contexts)
+    assert contexts.count(8) >= 3  # it shifted several times, each time to the newest half
+
+
+def test_shift_mode_context_sizes_follow_the_schedule(monkeypatch):
+    model = model_for_generation(block_size=16)
+    sizes = []
+    forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, targets=None, cache=None: (
+        sizes.append((cache.length if cache is not None else 0, idx.shape[1])),
+        forward(self, idx, targets, cache))[1])
+    run(model, torch.randint(0, 13, (1, 16)), 20, "shift")
+    # a full prompt: prefill 16, then a shift to the newest 8 and one-token steps up to 16 again
+    assert sizes[:3] == [(0, 16), (0, 8), (8, 1)]
+    assert sizes.count((0, 8)) == 3 and all(t == 1 for start, t in sizes if start)
+
+
+def test_bigram_generation_ignores_the_cache():
+    from tinygpt.model import BigramLanguageModel
+
+    model = BigramLanguageModel(ModelConfig(model="bigram", vocab_size=13, block_size=8)).eval()
+    prompt = torch.randint(0, 13, (1, 3))
+    assert torch.equal(run(model, prompt, 30, "shift"), run(model, prompt, 30, "off"))
+
+
+def test_top_k_and_top_p_stay_in_their_sets():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0, -2.0]]).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    picked = set(sample_next(logits, top_k=3, generator=gen).unique().tolist())
+    assert picked == {0, 1, 5}
+    probs = torch.softmax(logits[0], -1)
+    order = probs.argsort(descending=True)
+    cumulative = probs[order].cumsum(0)
+    allowed = set(order[: int((cumulative < 0.8).sum()) + 1].tolist())  # smallest set with >= 0.8
+    picked = set(sample_next(logits, top_p=0.8, generator=gen).unique().tolist())
+    assert picked == allowed and len(allowed) < 7
+    picked = set(sample_next(logits, top_k=2, top_p=0.99, generator=gen).unique().tolist())
+    assert picked == {0, 5}
+    assert sample_next(logits[:1], temperature=0.0).item() == 5
+
+
+def test_cached_generation_on_the_triton_backend():
+    ref = model_for_generation(dtype=torch.float32)
+    fused = model_for_generation(backend="triton", dtype=torch.float32)
+    prompt = torch.randint(0, 13, (1, 4))
+    assert torch.equal(run(fused, prompt, 30, "shift", 0.0), run(ref, prompt, 30, "shift", 0.0))
+
+
+def test_sample_command_streams_exactly_the_generated_text(tmp_path, capsys):
+    from tinygpt.checkpoint import save_checkpoint
+
+    vocab = "\n !',.:;?abcdefghijklmnopqrstuvwxyz"
+    model = GPT(ModelConfig(vocab_size=len(vocab), block_size=32, n_layer=1, n_head=2, n_embd=16,
+                            dropout=0.0))
+    save_checkpoint(tmp_path / "best.pt", {
+        "model_config": vars(model.config), "train_config": {}, "iteration": 0,
+        "model": model.state_dict(), "vocab": vocab})
+    args = ["sample", "--out-dir", str(tmp_path), "--prompt", "to be", "--max-new-tokens", "80",
+            "--seed", "3", "--device", "cpu"]
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    tok = Tokenizer(vocab)
+    prompt = torch.tensor([tok.encode("to be")])
+    expected = run(model.eval(), prompt, 80, "shift", seed=3)
+    assert streamed == tok.decode(expected[0].tolist()) + "\n"
+    assert main(args + ["--cache", "off", "--max-new-tokens", "27"]) == 0
+    off = capsys.readouterr().out
+    assert main(args + ["--max-new-tokens", "27"]) == 0
+    assert capsys.readouterr().out == off  # within the block, cache or not, the same text
