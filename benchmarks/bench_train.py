@@ -20,7 +20,7 @@ from tinygpt.config import from_preset
 from tinygpt.model import build_model
 from tinygpt.train import make_optimizer, precision
 
-from benchmarks.report import environment, write_report
+from benchmarks.report import environment, peak_tflops, write_report
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = "shakespeare-char" if DEVICE.type == "cuda" else "cpu-baby"
@@ -28,7 +28,8 @@ BACKENDS = ("reference", "torch", "triton") if DEVICE.type == "cuda" else ("refe
 
 
 def make_step(preset: str, backend: str, compile: bool = False, device: torch.device = DEVICE):
-    """A closure running one full training step (synchronised), and tokens per step."""
+    """A closure running one full training step (synchronised), tokens per step, and training
+    FLOPs per step."""
     model_cfg, cfg = from_preset(preset, backend=backend)
     torch.manual_seed(0)
     model = build_model(model_cfg, backend).to(device)
@@ -48,12 +49,13 @@ def make_step(preset: str, backend: str, compile: bool = False, device: torch.de
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return step, cfg.batch_size * model_cfg.block_size
+    tokens = cfg.batch_size * model_cfg.block_size
+    return step, tokens, tokens * model.flops_per_token()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_step(benchmark, backend):
-    step, tokens = make_step(PRESET, backend)
+    step, tokens, _ = make_step(PRESET, backend)
     for _ in range(3):
         step()
     benchmark.extra_info.update(preset=PRESET, device=str(DEVICE), tokens_per_step=tokens)
@@ -80,17 +82,32 @@ def main() -> None:
     variants = [(b, False) for b in BACKENDS]
     if DEVICE.type == "cuda":
         variants += [("torch", True), ("triton", True)]
+    peak = peak_tflops()
     for backend, compiled in variants:
-        step, tokens = make_step(PRESET, backend, compiled)
+        step, tokens, flops = make_step(PRESET, backend, compiled)
         times = measure(step, args.steps, warmup=20 if compiled else 5)
         ms = 1000 * statistics.median(times)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
+        achieved = flops / ms / 1e9  # TFLOP/s
         rows.append([f"{backend}{' + compile' if compiled else ''}", f"{ms:.2f}",
-                     f"{1000 * min(times):.2f}", f"{tokens / ms * 1000:,.0f}"])
+                     f"{1000 * min(times):.2f}", f"{tokens / ms * 1000:,.0f}", f"{achieved:.2f}",
+                     f"{100 * achieved / peak:.1f}%" if peak else "n/a",
+                     f"{mem:.2f}" if mem is not None else "n/a"])
         print(" | ".join(rows[-1]), flush=True)
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+    baseline = {row[0]: float(row[1]) for row in rows}
+    for row in rows:
+        row.append(" ".join(f"{baseline[name] / float(row[1]):.2f}x {name}"
+                            for name in ("reference", "torch", "torch + compile") if name in baseline
+                            and name != row[0]))
     write_report(
         args.out, "train_step",
         f"Training step, {PRESET} preset ({DEVICE.type}), median of {args.steps} steps",
-        ["provider", "median ms/iter", "min ms/iter", "tokens/s"], rows, environment())
+        ["provider", "median ms/iter", "min ms/iter", "tokens/s", "TFLOP/s", "MFU",
+         "peak GiB", "speed-up vs"], rows, environment(),
+        notes=f"MFU = achieved training FLOP/s over the device's dense bf16 peak "
+              f"({peak or 'unknown'} TFLOP/s); FLOPs per token from GPT.flops_per_token().")
 
 
 if __name__ == "__main__":

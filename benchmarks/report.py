@@ -15,6 +15,22 @@ import torch
 CUDA = torch.cuda.is_available()
 
 
+# Dense bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s: the denominator of MFU.
+# First match wins, so the more specific names come first.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+]
+
+
+def peak_tflops() -> float | None:
+    """The current CUDA device's bf16 peak, or None when unknown (and always on the CPU)."""
+    if not CUDA:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()

@@ -82,3 +82,39 @@ def test_train_command_on_the_triton_backend(tmp_path, small_text_file, capsys):
                     data=str(small_text_file))
     assert summary["steps"] == 3
     assert "backend triton" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_model_traces_as_one_graph(backend):
+    """torch.compile(fullgraph=True) fails on any graph break, e.g. an untraceable kernel call.
+    On the CPU only dynamo's tracing runs (backend="eager"); on CUDA, inductor compiles it."""
+    cfg = tiny(dropout=0.1)
+    torch.manual_seed(0)
+    model = GPT(cfg, backend=backend).to(DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="inductor" if DEVICE == "cuda" else "eager",
+                             fullgraph=True)
+    idx = torch.randint(0, 37, (2, 29), device=DEVICE)
+    _, loss = compiled(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    torch.testing.assert_close(compiled(idx)[0], model(idx)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU path of the command line")
+def test_train_command_with_compile(tmp_path, small_text_file):
+    summary = train("cpu-baby", dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4,
+                                     max_iters=2, eval_interval=2, eval_iters=1, device="cpu",
+                                     backend="torch", compile=True, out_dir=str(tmp_path)),
+                    data=str(small_text_file))
+    assert summary["steps"] == 2 and (tmp_path / "best.pt").is_file()
+
+
+def test_compile_with_interpreted_triton_is_refused(tmp_path, small_text_file):
+    from tinygpt.errors import UserError
+
+    with pytest.raises(UserError, match="--compile with the triton backend needs CUDA"):
+        train("cpu-baby", dict(device="cpu", backend="triton", compile=True, out_dir=str(tmp_path)),
+              data=str(small_text_file))

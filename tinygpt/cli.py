@@ -77,7 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto")
     sample.add_argument("--backend", default="auto",
                         choices=("auto", "triton", "torch", "reference"))
+
+    bench = sub.add_parser(
+        "bench", help="run the benchmarks and write a dated report (needs a source checkout)",
+        description="Run the kernel, training-step and generation benchmarks and gather their "
+                    "tables and plots in OUT/report-DEVICE-DATE.md.")
+    bench.add_argument("suites", nargs="*", default=["kernels", "train", "generate"],
+                       choices=["kernels", "train", "generate"], metavar="SUITE",
+                       help="kernels, train and/or generate (default: all three)")
+    bench.add_argument("--out", default="benchmarks/results", help="where results go")
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmarks
+
+    run_benchmarks(args.suites, args.out)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -145,7 +161,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "sample": cmd_sample}[args.command](args)
+        commands = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench}
+        return commands[args.command](args)
     except UserError as e:
         if args.debug:
             traceback.print_exc()

@@ -130,6 +130,13 @@ class GPT(LanguageModel):
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight, plus causal attention's
+        score and value matmuls at full context (the PaLM appendix estimate nanoGPT also uses)."""
+        c = self.config
+        weights = self.num_params() - self.pos_emb.weight.numel()
+        return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

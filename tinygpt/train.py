@@ -198,6 +198,9 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
 
     device = pick_device(cfg.device)
     backend = ops.resolve_backend(cfg.backend, device)
+    if cfg.compile and backend == "triton" and device.type != "cuda":
+        raise UserError("--compile with the triton backend needs CUDA: the Triton interpreter "
+                        "cannot be traced")
     amp_dtype, amp_words = precision(device)
     torch.manual_seed(cfg.seed)
     batches = Batches(text, tokenizer, model_cfg.block_size, cfg.batch_size, device, cfg.seed)
