@@ -62,13 +62,32 @@ def test_batches_are_shifted_windows_of_the_split():
 def test_batches_are_reproducible_from_state():
     text = "abcdefghij" * 100
     tok = Tokenizer.from_text(text)
-    a = Batches(text, tok, 8, 4, torch.device("cpu"), seed=1)
-    a.get("train")
+    a = Batches(text, tok, 8, 4, torch.device("cpu"), seed=1, streams=range(2))
+    a.get("train", stream=1)
     state = a.state()
-    expected = a.get("train")[0]
-    b = Batches(text, tok, 8, 4, torch.device("cpu"), seed=99)
+    expected = a.get("train", stream=1)[0], a.get("val")[0]
+    b = Batches(text, tok, 8, 4, torch.device("cpu"), seed=99, streams=range(2))
     b.load_state(state)
-    torch.testing.assert_close(b.get("train")[0], expected)
+    torch.testing.assert_close((b.get("train", stream=1)[0], b.get("val")[0]), expected)
+
+
+def test_streams_do_not_depend_on_how_they_are_split():
+    """Micro-batch stream m draws the same windows whether one process owns all the streams or
+    each process owns one: the global batch is the same for any number of processes."""
+    text = "".join(chr(ord("a") + i % 26) for i in range(3000))
+    tok = Tokenizer.from_text(text)
+    cpu = torch.device("cpu")
+    together = Batches(text, tok, 8, 3, cpu, seed=5, streams=range(2))
+    apart = [Batches(text, tok, 8, 3, cpu, seed=5, streams=[m]) for m in range(2)]
+    for _ in range(3):
+        for m in range(2):
+            torch.testing.assert_close(together.get("train", m), apart[m].get("train", m))
+    merged = Batches.merge_states([apart[0].state(), apart[1].state()])
+    fresh = Batches(text, tok, 8, 3, cpu, seed=0, streams=range(2))
+    fresh.load_state(merged)  # one process continuing what two processes left
+    for m in range(2):
+        torch.testing.assert_close(fresh.get("train", m), apart[m].get("train", m))
+    assert not torch.equal(together.get("train", 0)[0], together.get("train", 1)[0])
 
 
 def test_text_shorter_than_a_block_is_an_error():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -164,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"tinygpt: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one rank speaks for all
+            if args.debug:
+                traceback.print_exc()
+            print(f"tinygpt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tinygpt: interrupted", file=sys.stderr)

@@ -43,7 +43,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = _f(64, "sequences per optimizer step")
+    batch_size: int = _f(64, "sequences per micro-batch (global batch: batch_size x grad_accum)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step, shared out among torchrun "
+                            "processes, so the global batch stays fixed as their number changes")
     max_iters: int = _f(5000, "optimizer steps in total")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
@@ -66,6 +68,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.grad_accum < 1:
+            raise UserError(f"grad_accum must be at least 1, got {self.grad_accum}")
         if self.max_iters < 0:
             raise UserError(f"max_iters must be non-negative, got {self.max_iters}")
         if self.lr <= 0 or self.min_lr < 0:

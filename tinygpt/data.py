@@ -115,12 +115,16 @@ class Tokenizer:
 class Batches:
     """Random (input, target) windows from a 90/10 train/val split, drawn on `device`.
 
-    The windows come from a private generator seeded with `seed`, so batches are reproducible and
-    their position can be saved in a checkpoint (`state()` / `load_state()`).
+    Training micro-batch m of every step comes from its own random stream m (`streams` lists the
+    ones this process draws); evaluation has a stream of its own. Streams are seeded from `seed`,
+    so batches are reproducible, independent of how micro-batches are spread over processes, and
+    their positions can be saved in a checkpoint (`state()` / `load_state()`).
     """
 
+    EVAL_STREAM = -1
+
     def __init__(self, text: str, tokenizer: Tokenizer, block_size: int, batch_size: int,
-                 device: torch.device, seed: int):
+                 device: torch.device, seed: int, streams=range(1)):
         data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
         n_train = int(TRAIN_FRACTION * len(data))
         self.splits = {"train": data[:n_train].to(device), "val": data[n_train:].to(device)}
@@ -132,18 +136,33 @@ class Batches:
                     f"use more text or a smaller --block-size"
                 )
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generators = {
+            s: torch.Generator().manual_seed(seed * 1_000_003 + s + 1)
+            for s in [*streams, self.EVAL_STREAM]
+        }
         self.offsets = torch.arange(block_size + 1, device=device)  # (T+1,)
 
-    def get(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, split: str, stream: int = EVAL_STREAM) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of `split` from training stream `stream` (the evaluation stream if omitted)."""
         data = self.splits[split]
         starts = torch.randint(len(data) - self.block_size, (self.batch_size,),
-                               generator=self.generator)  # (B,)
+                               generator=self.generators[stream])  # (B,)
         windows = data[starts.to(self.device)[:, None] + self.offsets]  # (B, T+1)
         return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
 
-    def state(self) -> torch.Tensor:
-        return self.generator.get_state()
+    def state(self) -> dict[int, torch.Tensor]:
+        return {s: g.get_state() for s, g in self.generators.items()}
 
-    def load_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
+    def load_state(self, state: dict[int, torch.Tensor]) -> None:
+        for s, g in self.generators.items():
+            if s in state:
+                g.set_state(state[s])
+
+    @staticmethod
+    def merge_states(states: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """One state for all streams from every process's `state()`, the first process's
+        evaluation stream winning (it is the one that evaluates)."""
+        merged = {}
+        for state in reversed(states):
+            merged.update(state)
+        return merged

@@ -2,7 +2,8 @@
 
 Checkpoints go to `out_dir`: `best.pt` whenever the validation loss improves and `last.pt` at
 every evaluation, at the end and on SIGINT/SIGTERM. `--resume` continues from `last.pt` exactly:
-weights, optimizer, iteration and every random stream are restored.
+weights, optimizer, iteration and every random stream are restored (on another number of
+processes, all but the per-rank dropout streams).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops
+from . import distributed, ops
 from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import ModelConfig, TrainConfig, from_preset
 from .data import Batches, Tokenizer, default_corpus, read_text
@@ -25,8 +26,11 @@ from .errors import UserError
 from .model import LanguageModel, build_model
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` means cuda, then mps, then cpu; an explicit device that is absent is an error."""
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`auto` means cuda, then mps, then cpu; an explicit device that is absent is an error.
+    Under torchrun (`local_rank` given) a process takes GPU cuda:LOCAL_RANK."""
+    if local_rank is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+        name = f"cuda:{local_rank}"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -86,7 +90,7 @@ def estimate_loss(model, batches: Batches, eval_iters: int, autocast) -> dict[st
     for split in ("train", "val"):
         losses = torch.zeros(eval_iters, device=batches.device)
         for i in range(eval_iters):
-            x, y = batches.get(split)
+            x, y = batches.get(split)  # the evaluation stream
             with autocast():
                 losses[i] = model(x, y)[1]
         out[split] = losses.mean().item()
@@ -120,15 +124,18 @@ class StopRequest:
 
 
 class Progress:
-    """One self-rewriting status line on a terminal; a line every `every` steps otherwise."""
+    """One self-rewriting status line on a terminal, a line per update otherwise; silent when
+    not `enabled` (every rank but the first)."""
 
-    def __init__(self, total: int, tokens_per_iter: int, every: int):
-        self.total, self.tokens_per_iter, self.every = total, tokens_per_iter, every
+    def __init__(self, total: int, tokens_per_iter: int, enabled: bool = True):
+        self.total, self.tokens_per_iter, self.enabled = total, tokens_per_iter, enabled
         self.tty = sys.stderr.isatty()
         self.t_last, self.it_last = time.perf_counter(), None
         self.width = 0
 
     def update(self, it: int, loss: float) -> None:
+        if not self.enabled:
+            return
         now = time.perf_counter()
         if self.it_last is not None and it > self.it_last:
             ms = 1000 * (now - self.t_last) / (it - self.it_last)
@@ -146,6 +153,8 @@ class Progress:
         sys.stderr.flush()
 
     def message(self, text: str) -> None:
+        if not self.enabled:
+            return
         if self.tty and self.width:
             sys.stderr.write("\r" + " " * self.width + "\r")
             self.width = 0
@@ -176,9 +185,12 @@ def _resume_configs(ckpt: dict, overrides: dict) -> tuple[ModelConfig, TrainConf
 
 def train(preset: str = "shakespeare-char", overrides: dict | None = None, data: str | None = None,
           resume: bool = False, log_interval: int = 10) -> dict:
-    """Train a model; returns a summary (losses, timings, checkpoint paths)."""
+    """Train a model; returns a summary: losses, timings, checkpoint paths and the model.
+
+    Under torchrun every process runs this: data parallel, rank 0 evaluates and checkpoints.
+    """
     overrides = dict(overrides or {})
-    ckpt = None
+    ckpt = ckpt_path = None
     if resume:
         ckpt_path = Path(overrides.get("out_dir") or TrainConfig.out_dir) / "last.pt"
         ckpt = load_checkpoint(ckpt_path)
@@ -195,126 +207,187 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
         model_cfg, cfg = _resume_configs(ckpt, overrides)
     else:
         model_cfg.vocab_size = tokenizer.vocab_size
+    ctx = distributed.from_environment()
+    if cfg.grad_accum % ctx.world_size:
+        raise UserError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of "
+                        f"processes ({ctx.world_size})")
+    device = pick_device(cfg.device, ctx.local_rank if ctx.enabled else None)
+    distributed.start(ctx, device)
+    try:
+        return _Run(ctx, device, model_cfg, cfg, text, data_name, tokenizer, ckpt, ckpt_path,
+                    log_interval).loop()
+    finally:
+        distributed.stop()
 
-    device = pick_device(cfg.device)
-    backend = ops.resolve_backend(cfg.backend, device)
-    if cfg.compile and backend == "triton" and device.type != "cuda":
-        raise UserError("--compile with the triton backend needs CUDA: the Triton interpreter "
-                        "cannot be traced")
-    amp_dtype, amp_words = precision(device)
-    torch.manual_seed(cfg.seed)
-    batches = Batches(text, tokenizer, model_cfg.block_size, cfg.batch_size, device, cfg.seed)
-    model = build_model(model_cfg, backend).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    start_iter, best_val = 0, math.inf
-    if ckpt is not None:
-        restore(model, ckpt["model"], ckpt_path)
-        restore(optimizer, ckpt["optimizer"], ckpt_path, what="optimizer state")
-        start_iter, best_val = ckpt["iteration"], ckpt["best_val_loss"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        batches.load_state(ckpt["rng"]["batches"])
-    step_model = torch.compile(model) if cfg.compile else model
 
-    def autocast():
-        if amp_dtype is None:
+class _Run:
+    """One training run's state: model, optimizer, data streams, and the loop over steps."""
+
+    def __init__(self, ctx, device, model_cfg, cfg, text, data_name, tokenizer, ckpt, ckpt_path,
+                 log_interval):
+        self.ctx, self.device, self.model_cfg, self.cfg = ctx, device, model_cfg, cfg
+        self.tokenizer, self.log_interval = tokenizer, log_interval
+        self.out_dir = Path(cfg.out_dir)
+        backend = ops.resolve_backend(cfg.backend, device)
+        if cfg.compile and backend == "triton" and device.type != "cuda":
+            raise UserError("--compile with the triton backend needs CUDA: the Triton interpreter "
+                            "cannot be traced")
+        self.amp_dtype, amp_words = precision(device)
+        # Micro-batch m of every step comes from data stream m; rank r owns a contiguous share of
+        # the streams, so the global batch does not depend on the number of processes.
+        per_rank = cfg.grad_accum // ctx.world_size
+        self.streams = range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+        self.batches = Batches(text, tokenizer, model_cfg.block_size, cfg.batch_size, device,
+                               cfg.seed, self.streams)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = build_model(model_cfg, backend).to(device)
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        torch.manual_seed(cfg.seed + ctx.rank)  # dropout: a different stream on every rank
+        self.start_iter, self.best_val = 0, math.inf
+        if ckpt is not None:
+            self._restore(ckpt, ckpt_path)
+        self.eval_model = torch.compile(self.model) if cfg.compile else self.model
+        self.step_model = self.eval_model
+        if ctx.enabled:
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.eval_model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.tokens_per_iter = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+        self.progress = Progress(cfg.max_iters, self.tokens_per_iter, enabled=ctx.is_main)
+        self.progress.message(
+            f"tinygpt: {model_cfg.model} {self.model.num_params() / 1e6:.2f}M params | data "
+            f"{data_name} ({len(text):,} chars, vocab {tokenizer.vocab_size}) | device {device} "
+            f"({amp_words}) | backend {backend}{' + compile' if cfg.compile else ''}"
+            + (f" | {ctx.world_size} processes" if ctx.enabled else "")
+            + (f" | resuming at iteration {self.start_iter}" if ckpt else ""))
+
+    def _restore(self, ckpt: dict, path: Path) -> None:
+        restore(self.model, ckpt["model"], path)
+        restore(self.optimizer, ckpt["optimizer"], path, what="optimizer state")
+        self.start_iter, self.best_val = ckpt["iteration"], ckpt["best_val_loss"]
+        rng = ckpt["rng"]
+        if len(rng["torch"]) == self.ctx.world_size:  # dropout streams resume only on the same count
+            torch.set_rng_state(rng["torch"][self.ctx.rank])
+            if self.device.type == "cuda" and rng["cuda"] is not None:
+                torch.cuda.set_rng_state(rng["cuda"][self.ctx.rank], self.device)
+        self.batches.load_state(rng["batches"])
+
+    def autocast(self):
+        if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    out_dir = Path(cfg.out_dir)
-    tokens_per_iter = cfg.batch_size * model_cfg.block_size
-    progress = Progress(cfg.max_iters, tokens_per_iter, log_interval)
-    progress.message(
-        f"tinygpt: {model_cfg.model} {model.num_params() / 1e6:.2f}M params | data {data_name} "
-        f"({len(text):,} chars, vocab {tokenizer.vocab_size}) | device {device} ({amp_words}) | "
-        f"backend {backend}{' + compile' if cfg.compile else ''}"
-        + (f" | resuming at iteration {start_iter}" if ckpt else "")
-    )
-
-    def checkpoint(iteration: int) -> dict:
+    def checkpoint(self, iteration: int) -> dict | None:
+        """The checkpoint payload on rank 0 (None elsewhere); every rank must call this."""
+        cuda = self.device.type == "cuda"
+        torch_states = distributed.gather(torch.get_rng_state())
+        cuda_states = distributed.gather(torch.cuda.get_rng_state(self.device) if cuda else None)
+        batch_states = distributed.gather(self.batches.state())
+        if not self.ctx.is_main:
+            return None
         return {
-            "model_config": dataclasses.asdict(model_cfg),
-            "train_config": dataclasses.asdict(cfg),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model_config": dataclasses.asdict(self.model_cfg),
+            "train_config": dataclasses.asdict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "iteration": iteration,
-            "best_val_loss": best_val,
-            "vocab": tokenizer.chars,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "batches": batches.state(),
-            },
+            "best_val_loss": self.best_val,
+            "vocab": self.tokenizer.chars,
+            "rng": {"torch": torch_states, "cuda": cuda_states if cuda else None,
+                    "batches": Batches.merge_states(batch_states)},
         }
 
-    history: list[dict] = []
-    t0 = time.perf_counter()
-    it = start_iter
-    stopped_by = None
-    with StopRequest() as stop:
-        while True:
-            at_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
-            if at_eval and not (ckpt is not None and it == start_iter):
-                losses = estimate_loss(step_model, batches, cfg.eval_iters, autocast)
-                if not all(map(math.isfinite, losses.values())):
-                    raise UserError(_diverged_message(it, out_dir, cfg.lr))
-                history.append({"iter": it, **losses, "seconds": time.perf_counter() - t0})
-                improved = losses["val"] < best_val
-                best_val = min(best_val, losses["val"])
-                progress.message(f"step {it}: train loss {losses['train']:.4f}, "
-                                 f"val loss {losses['val']:.4f}{' (best)' if improved else ''}")
-                payload = checkpoint(it)
-                if improved:
-                    save_checkpoint(out_dir / "best.pt", payload)
-                save_checkpoint(out_dir / "last.pt", payload)
-            if it >= cfg.max_iters:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(it, cfg)
-            x, y = batches.get("train")
-            with autocast():
-                _, loss = step_model(x, y)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            it += 1
-            if it % log_interval == 0 or it == cfg.max_iters:
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise UserError(_diverged_message(it, out_dir, cfg.lr))
-                progress.update(it, loss_value)
-            if stop.signum is not None:
-                stopped_by = stop.signum
-                save_checkpoint(out_dir / "last.pt", checkpoint(it))
-                break
+    def evaluate(self, it: int, t0: float) -> dict | None:
+        """Rank 0 measures both losses and writes the checkpoints; all ranks stop together if
+        the loss diverged."""
+        losses = None
+        if self.ctx.is_main:
+            losses = estimate_loss(self.eval_model, self.batches, self.cfg.eval_iters,
+                                   self.autocast)
+        payload = self.checkpoint(it)
+        diverged = losses is not None and not all(map(math.isfinite, losses.values()))
+        if distributed.any_rank(diverged, self.device):
+            raise UserError(_diverged_message(it, self.out_dir, self.cfg.lr))
+        if losses is None:
+            return None
+        improved = losses["val"] < self.best_val
+        self.best_val = min(self.best_val, losses["val"])
+        payload["best_val_loss"] = self.best_val
+        self.progress.message(f"step {it}: train loss {losses['train']:.4f}, "
+                              f"val loss {losses['val']:.4f}{' (best)' if improved else ''}")
+        if improved:
+            save_checkpoint(self.out_dir / "best.pt", payload)
+        save_checkpoint(self.out_dir / "last.pt", payload)
+        return {"iter": it, **losses, "seconds": time.perf_counter() - t0}
 
-    elapsed = time.perf_counter() - t0
-    steps = it - start_iter
-    summary = {
-        "iterations": it,
-        "steps": steps,
-        "seconds": elapsed,
-        "tokens_per_second": steps * tokens_per_iter / elapsed if elapsed > 0 else 0.0,
-        "best_val_loss": best_val,
-        "history": history,
-        "out_dir": str(out_dir),
-        "interrupted_by": stopped_by,
-    }
-    final = history[-1] if history else None
-    progress.message(
-        f"done: {steps} steps in {elapsed:.1f}s ({summary['tokens_per_second']:,.0f} tok/s)"
-        + (f" | final val loss {final['val']:.4f}" if final and final["iter"] == it else "")
-        + f" | best val loss {best_val:.4f} | checkpoints in {out_dir}/"
-        + (f" | stopped by {signal.Signals(stopped_by).name} at iteration {it}; "
-           f"continue with --resume" if stopped_by else "")
-    )
-    return summary
+    def step(self, it: int) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; returns their mean loss."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(it, self.cfg)
+        total = torch.zeros((), device=self.device)
+        for m in self.streams:
+            x, y = self.batches.get("train", stream=m)
+            last = m == self.streams[-1]
+            sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.step_model.no_sync()
+            with sync:
+                with self.autocast():
+                    _, loss = self.step_model(x, y)
+                self.scaler.scale(loss / len(self.streams)).backward()
+            total += loss.detach()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(self.streams)
+
+    def loop(self) -> dict:
+        cfg, resumed = self.cfg, self.start_iter > 0
+        history: list[dict] = []
+        t0 = time.perf_counter()
+        it, stopped_by = self.start_iter, 0
+        with StopRequest() as stop:
+            while True:
+                at_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
+                if at_eval and not (resumed and it == self.start_iter):
+                    if (entry := self.evaluate(it, t0)) is not None:
+                        history.append(entry)
+                if it >= cfg.max_iters:
+                    break
+                loss = self.step(it)
+                it += 1
+                at_log = it % self.log_interval == 0 or it == cfg.max_iters
+                if at_log:
+                    loss_value = loss.item()
+                    if distributed.any_rank(not math.isfinite(loss_value), self.device):
+                        raise UserError(_diverged_message(it, self.out_dir, cfg.lr))
+                    self.progress.update(it, loss_value)
+                if at_log or not self.ctx.enabled:  # ranks agree on stopping at log steps
+                    stopped_by = int(distributed.max_over_ranks(stop.signum or 0, self.device))
+                if stopped_by:
+                    payload = self.checkpoint(it)
+                    if payload is not None:
+                        save_checkpoint(self.out_dir / "last.pt", payload)
+                    break
+        return self.summary(it, time.perf_counter() - t0, history, stopped_by)
+
+    def summary(self, it: int, elapsed: float, history: list[dict], stopped_by: int) -> dict:
+        steps = it - self.start_iter
+        summary = {
+            "iterations": it, "steps": steps, "seconds": elapsed,
+            "tokens_per_second": steps * self.tokens_per_iter / elapsed if elapsed > 0 else 0.0,
+            "best_val_loss": self.best_val, "history": history, "out_dir": str(self.out_dir),
+            "interrupted_by": stopped_by or None, "model": self.model,
+        }
+        final = history[-1] if history else None
+        self.progress.message(
+            f"done: {steps} steps in {elapsed:.1f}s ({summary['tokens_per_second']:,.0f} tok/s)"
+            + (f" | final val loss {final['val']:.4f}" if final and final["iter"] == it else "")
+            + f" | best val loss {self.best_val:.4f} | checkpoints in {self.out_dir}/"
+            + (f" | stopped by {signal.Signals(stopped_by).name} at iteration {it}; "
+               f"continue with --resume" if stopped_by else ""))
+        return summary
 
 
 def _diverged_message(it: int, out_dir: Path, lr: float) -> str:

@@ -1,0 +1,94 @@
+"""Data-parallel training on the CPU with gloo: two processes against one.
+
+The launches here are the README's: `torchrun --nproc_per_node=2 -m tinygpt train ...`
+(`python -m torch.distributed.run` is torchrun).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import torch.multiprocessing as mp
+
+from tinygpt.checkpoint import load_checkpoint
+from tinygpt.train import train
+
+ARGS = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_accum=2,
+            dropout=0.0, eval_iters=2, lr=3e-3, warmup_iters=2, device="cpu", backend="torch")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_flags(values: dict) -> list[str]:
+    return [f for k, v in values.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def torchrun(nproc: int, corpus, out_dir, **overrides):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           "-m", "tinygpt", "train", "--preset", "cpu-baby", "--data", str(corpus),
+           *cli_flags({**ARGS, "out_dir": out_dir, **overrides})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_weights(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
+
+
+def test_two_processes_match_one_and_resume_in_one(tmp_path, corpus_path):
+    proc = torchrun(2, corpus_path, tmp_path / "two", max_iters=6, eval_interval=3)
+    assert proc.stderr.count("tinygpt: gpt") == 1  # only rank 0 speaks
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.pt", "last.pt"]
+    single = train("cpu-baby", {**ARGS, "max_iters": 6, "eval_interval": 3,
+                                "out_dir": str(tmp_path / "one")}, data=str(corpus_path))
+    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    assert two["iteration"] == 6 and not any(k.startswith(("module.", "_orig_mod.")) for k in two["model"])
+    assert_same_weights(two["model"], load_checkpoint(tmp_path / "one" / "last.pt")["model"])
+    assert abs(two["best_val_loss"] - single["best_val_loss"]) < 1e-5
+
+    # The two-process checkpoint continues in one process exactly as the one-process run does.
+    resumed = train("cpu-baby", {"max_iters": 9, "out_dir": str(tmp_path / "two")},
+                    data=str(corpus_path), resume=True)
+    reference = train("cpu-baby", {"max_iters": 9, "out_dir": str(tmp_path / "one")},
+                      data=str(corpus_path), resume=True)
+    assert resumed["steps"] == reference["steps"] == 3
+    assert_same_weights(resumed["model"].state_dict(), reference["model"].state_dict())
+
+
+def _worker(rank: int, port: int, corpus: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    summary = train("cpu-baby", {**ARGS, "max_iters": 5, "eval_interval": 5, "dropout": 0.1,
+                                 "out_dir": out_dir}, data=corpus)
+    torch.save(summary["model"].state_dict(), os.path.join(out_dir, f"rank{rank}.params"))
+
+
+def test_every_rank_holds_identical_parameters(tmp_path, corpus_path):
+    mp.spawn(_worker, args=(free_port(), str(corpus_path), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.params", weights_only=True) for r in range(2)]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert_same_weights(ranks[0], load_checkpoint(tmp_path / "last.pt")["model"], atol=0)
+
+
+def test_grad_accum_must_divide_among_processes(tmp_path, corpus_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "tinygpt", "train",
+           "--preset", "cpu-baby", "--data", str(corpus_path),
+           *cli_flags({**ARGS, "grad_accum": 3, "out_dir": tmp_path})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("tinygpt: error: grad_accum (3) must be a multiple of the number "
+                             "of processes (2)") == 1  # one rank speaks for all
