@@ -1,27 +1,46 @@
 #!/usr/bin/env bash
 # Every GPU check in one call: the test suite on CUDA, the kernel benchmarks, the training-step
-# benchmark and the time-to-quality run. Results go to $OUT (default benchmarks/results); each
-# stage's log is kept there as well. Stages can be run alone, to fit a time limit per call:
+# benchmark, the time-to-quality run, a one-process NCCL torchrun and the pytest-benchmark entries.
 #
-#   OUT=/somewhere bash benchmarks/gpu_suite.sh [all|tests|kernels|train|quality|pytest-bench]
+#   OUT=/somewhere DATA=path/to/tinyshakespeare.txt bash benchmarks/gpu_suite.sh [STAGE...]
 #
-# A failing stage is reported and the next one still runs; the exit status says if any failed.
+# STAGE: all (default), tests, kernels, train, quality, ddp, generate, pytest-bench; run stages
+# alone to fit a time limit per call. Tables and logs are written under $WORK and packed into
+# $OUT/gpu_suite-STAGES.tgz (one file: the device tool returns few files), with summary.txt
+# beside it. DATA defaults to the first tiny Shakespeare copy found in shared/data, ../shared/data
+# or .data. A failing stage is reported and the next one still runs; the exit status says if any
+# failed. Copy the tables you keep into benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-RESULTS="$OUT/results"
-mkdir -p "$RESULTS"
+WORK=${WORK:-$(mktemp -d)}
+RESULTS="$WORK/results"
+mkdir -p "$OUT" "$RESULTS"
 PY=${PYTHON:-python3}
-stage=${1:-all}
+export PYTHONUNBUFFERED=1
+stages=("${@:-all}")
+tag=$(IFS=-; echo "${stages[*]}")
 failed=()
 
-run() {  # run NAME COMMAND...: log to $OUT/NAME.log, remember failures
+if [ -z "${DATA:-}" ]; then
+    for candidate in shared/data/tinyshakespeare.txt ../shared/data/tinyshakespeare.txt .data/tinyshakespeare.txt; do
+        [ -f "$candidate" ] && DATA=$candidate && break
+    done
+fi
+
+wants() {  # wants STAGE: was it asked for?
+    local s
+    for s in "${stages[@]}"; do [ "$s" = all ] || [ "$s" = "$1" ] && return 0; done
+    return 1
+}
+
+run() {  # run NAME COMMAND...: log to $WORK/NAME.log, remember failures
     local name=$1; shift
-    echo "=== $name: $*" | tee "$OUT/$name.log"
+    echo "=== $name: $*" | tee "$WORK/$name.log"
     local t0=$SECONDS
-    "$@" 2>&1 | tee -a "$OUT/$name.log"
+    "$@" 2>&1 | tee -a "$WORK/$name.log"
     local rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$WORK/$name.log" "$WORK/summary.txt"
     [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
@@ -29,31 +48,31 @@ run() {  # run NAME COMMAND...: log to $OUT/NAME.log, remember failures
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
-} > "$OUT/environment.txt" 2>&1
-cat "$OUT/environment.txt"
-$PY -c "import tinygpt" 2>/dev/null || $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
+    echo "data: ${DATA:-none found}"
+} > "$WORK/summary.txt" 2>&1
+cat "$WORK/summary.txt"
+$PY -c "import tinygpt" 2>/dev/null || $PY -m pip install --no-deps --no-build-isolation -e . > "$WORK/install.log" 2>&1
+data_args=()
+[ -n "${DATA:-}" ] && data_args=(--data "$DATA")
 
-case $stage in all|tests)
-    run tests $PY -m pytest tests -q -p no:cacheprovider ;;
-esac
-case $stage in all|kernels)
-    run bench_layernorm $PY -m benchmarks.bench_layernorm --out "$RESULTS"
-    run bench_attention $PY -m benchmarks.bench_attention --out "$RESULTS" ;;
-esac
-case $stage in all|train)
-    run bench_train $PY -m benchmarks.bench_train --out "$RESULTS" ;;
-esac
-case $stage in all|quality)
-    run bench_quality $PY -m benchmarks.bench_quality --preset shakespeare-char --target 1.47 \
-        --out "$RESULTS" ;;
-esac
-case $stage in all|pytest-bench)
-    run pytest_benchmarks $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable \
-        --benchmark-json "$RESULTS/pytest-benchmark-cuda.json" ;;
-esac
+wants tests && run tests $PY -m pytest tests -q -p no:cacheprovider
+wants kernels && run bench_layernorm $PY -m benchmarks.bench_layernorm --out "$RESULTS"
+wants kernels && run bench_attention $PY -m benchmarks.bench_attention --out "$RESULTS"
+wants train && run bench_train $PY -m benchmarks.bench_train --out "$RESULTS"
+wants quality && run bench_quality $PY -m benchmarks.bench_quality --preset shakespeare-char \
+    --target 1.47 --set eval_iters 50 "${data_args[@]}" --out "$RESULTS"
+wants ddp && run ddp_nccl_1proc $PY -m torch.distributed.run --nproc_per_node=1 -m tinygpt train \
+    --preset shakespeare-char --max-iters 500 --eval-interval 250 --eval-iters 20 \
+    --out-dir "$WORK/ddp" "${data_args[@]}"
+wants generate && run bench_generate $PY -m benchmarks.bench_generate --out "$RESULTS"
+wants pytest-bench && run pytest_benchmarks $PY -m pytest benchmarks -q -p no:cacheprovider \
+    --benchmark-enable --benchmark-json "$RESULTS/pytest-benchmark-cuda.json"
 
+rm -rf "$WORK/ddp"
+tar -czf "$OUT/gpu_suite-$tag.tgz" -C "$WORK" .
+cp "$WORK/summary.txt" "$OUT/summary.txt"
 if [ ${#failed[@]} -gt 0 ]; then
-    echo "FAILED stages: ${failed[*]}"
+    echo "FAILED stages: ${failed[*]}" | tee -a "$OUT/summary.txt"
     exit 1
 fi
-echo "all stages passed"
+echo "all stages passed" | tee -a "$OUT/summary.txt"

@@ -279,3 +279,50 @@ def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path, capsys):
                                            "iteration": 0, "model": state, "vocab": "ab"})
     rc, _, err = run_cli(capsys, "sample", "--out-dir", str(tmp_path), "--device", "cpu")
     _one_line_error(rc, err, "unreadable model_config")
+
+
+class _StopAfter:
+    """Stands in for StopRequest: reports SIGINT once the loop has asked `steps` times (it asks
+    once per step in a single process)."""
+
+    def __init__(self, steps: int):
+        self.left = steps
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @property
+    def signum(self):
+        self.left -= 1
+        return signal.SIGINT if self.left <= 0 else None
+
+
+def test_interrupted_on_an_evaluation_step_resumes_exactly(tmp_path, corpus_path, monkeypatch):
+    full = tiny_run(tmp_path / "a", corpus_path, max_iters=20, eval_interval=10, dropout=0.1)
+    monkeypatch.setattr("tinygpt.train.StopRequest", lambda: _StopAfter(10))
+    stopped = tiny_run(tmp_path / "b", corpus_path, max_iters=20, eval_interval=10, dropout=0.1)
+    assert stopped["interrupted_by"] == signal.SIGINT and stopped["iterations"] == 10
+    assert [h["iter"] for h in stopped["history"]] == [0]  # stopped before step 10's evaluation
+    monkeypatch.undo()
+    resumed = train("cpu-baby", {"out_dir": str(tmp_path / "b" / "out")}, data=str(corpus_path),
+                    resume=True, log_interval=1000)
+    assert [(h["iter"], h["val"]) for h in resumed["history"]] == [
+        (h["iter"], h["val"]) for h in full["history"][1:]]
+    a = load_checkpoint(tmp_path / "a" / "out" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "out" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["train", "--n-layer", "four"], "argument --n-layer: invalid int value: 'four'"),
+    (["sample", "--cache", "sometimes"], "argument --cache: invalid choice"),
+    (["fly"], "invalid choice: 'fly'"),
+])
+def test_unknown_option_is_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    _one_line_error(exit_info.value.code, capsys.readouterr().err, needle)

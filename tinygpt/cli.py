@@ -39,8 +39,15 @@ def _preset_table() -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported in one line like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"tinygpt: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tinygpt", description="Train and sample a character-level GPT.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -119,7 +126,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from . import ops
     from .checkpoint import load_checkpoint, restore
-    from .config import ModelConfig
     from .data import Tokenizer
     from .generate import generate
     from .model import build_model

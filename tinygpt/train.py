@@ -245,6 +245,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout: a different stream on every rank
         self.start_iter, self.best_val = 0, math.inf
+        self.skip_first_eval = False  # a resumed run's first evaluation may be done already
         if ckpt is not None:
             self._restore(ckpt, ckpt_path)
         self.eval_model = torch.compile(self.model) if cfg.compile else self.model
@@ -259,12 +260,13 @@ class _Run:
             f"{data_name} ({len(text):,} chars, vocab {tokenizer.vocab_size}) | device {device} "
             f"({amp_words}) | backend {backend}{' + compile' if cfg.compile else ''}"
             + (f" | {ctx.world_size} processes" if ctx.enabled else "")
-            + (f" | resuming at iteration {self.start_iter}" if ckpt else ""))
+            + (f" | resuming at iteration {self.start_iter}" if ckpt is not None else ""))
 
     def _restore(self, ckpt: dict, path: Path) -> None:
         restore(self.model, ckpt["model"], path)
         restore(self.optimizer, ckpt["optimizer"], path, what="optimizer state")
         self.start_iter, self.best_val = ckpt["iteration"], ckpt["best_val_loss"]
+        self.skip_first_eval = ckpt["evaluated"]
         rng = ckpt["rng"]
         if len(rng["torch"]) == self.ctx.world_size:  # dropout streams resume only on the same count
             torch.set_rng_state(rng["torch"][self.ctx.rank])
@@ -277,8 +279,9 @@ class _Run:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def checkpoint(self, iteration: int) -> dict | None:
-        """The checkpoint payload on rank 0 (None elsewhere); every rank must call this."""
+    def checkpoint(self, iteration: int, evaluated: bool) -> dict | None:
+        """The checkpoint payload on rank 0 (None elsewhere); every rank must call this.
+        `evaluated`: whether this iteration's evaluation (if it has one) is done."""
         cuda = self.device.type == "cuda"
         torch_states = distributed.gather(torch.get_rng_state())
         cuda_states = distributed.gather(torch.cuda.get_rng_state(self.device) if cuda else None)
@@ -291,6 +294,7 @@ class _Run:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "iteration": iteration,
+            "evaluated": evaluated,
             "best_val_loss": self.best_val,
             "vocab": self.tokenizer.chars,
             "rng": {"torch": torch_states, "cuda": cuda_states if cuda else None,
@@ -304,7 +308,7 @@ class _Run:
         if self.ctx.is_main:
             losses = estimate_loss(self.eval_model, self.batches, self.cfg.eval_iters,
                                    self.autocast)
-        payload = self.checkpoint(it)
+        payload = self.checkpoint(it, evaluated=True)
         diverged = losses is not None and not all(map(math.isfinite, losses.values()))
         if distributed.any_rank(diverged, self.device):
             raise UserError(_diverged_message(it, self.out_dir, self.cfg.lr))
@@ -343,14 +347,14 @@ class _Run:
         return total / len(self.streams)
 
     def loop(self) -> dict:
-        cfg, resumed = self.cfg, self.start_iter > 0
+        cfg = self.cfg
         history: list[dict] = []
         t0 = time.perf_counter()
         it, stopped_by = self.start_iter, 0
         with StopRequest() as stop:
             while True:
                 at_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
-                if at_eval and not (resumed and it == self.start_iter):
+                if at_eval and not (self.skip_first_eval and it == self.start_iter):
                     if (entry := self.evaluate(it, t0)) is not None:
                         history.append(entry)
                 if it >= cfg.max_iters:
@@ -366,7 +370,7 @@ class _Run:
                 if at_log or not self.ctx.enabled:  # ranks agree on stopping at log steps
                     stopped_by = int(distributed.max_over_ranks(stop.signum or 0, self.device))
                 if stopped_by:
-                    payload = self.checkpoint(it)
+                    payload = self.checkpoint(it, evaluated=False)
                     if payload is not None:
                         save_checkpoint(self.out_dir / "last.pt", payload)
                     break
