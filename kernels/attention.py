@@ -318,14 +318,21 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
 
 
-def _fwd_config(D: int) -> dict:
+def _fwd_config(D: int, dtype: torch.dtype) -> dict:
+    """Launch settings; the causal diagonal pass needs BLOCK_M % BLOCK_N == 0. fp32 tiles take
+    twice the shared memory, so they are smaller and less deeply pipelined."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if D <= 64 else 8, num_stages=3)
 
 
-def _bwd_configs(D: int) -> tuple[dict, dict]:
+def _bwd_configs(D: int, dtype: torch.dtype) -> tuple[dict, dict]:
     """(dK/dV kernel, dQ kernel) launch settings; the diagonal passes need BLOCK_N % BLOCK_M == 0
     for dK/dV and BLOCK_M % BLOCK_N == 0 for dQ."""
     warps = 4 if D <= 64 else 8
+    if dtype == torch.float32:
+        return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=warps, num_stages=2),
+                dict(BLOCK_M=64, BLOCK_N=32, num_warps=warps, num_stages=2))
     dkdv = dict(BLOCK_M=32, BLOCK_N=128 if D <= 64 else 64, num_warps=warps, num_stages=3)
     dq = dict(BLOCK_M=128 if D <= 64 else 64, BLOCK_N=32, num_warps=warps, num_stages=3)
     return dkdv, dq
@@ -350,7 +357,7 @@ def _attention_fwd(
     S = k.shape[2]
     o = _new_attention_output(q)  # (B, H, T, D)
     lse = _new_output((B, H, T), torch.float32, q.device)
-    cfg = _fwd_config(D)
+    cfg = _fwd_config(D, q.dtype)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
     wrap_triton(_attn_fwd_kernel)[grid](
         q, k, v, o, lse, seed, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -373,7 +380,7 @@ def _attention_bwd(
     dv = _new_output((B, H, S, D), v.dtype, v.device)
     wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(T, 64), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=64)
-    dkdv_cfg, dq_cfg = _bwd_configs(D)
+    dkdv_cfg, dq_cfg = _bwd_configs(D, q.dtype)
     common = dict(CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=D, PRECISION=_precision(q.dtype))
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do),
             H, T, S, scale, scale * LOG2E, dropout_p)
