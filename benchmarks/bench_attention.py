@@ -18,11 +18,11 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from benchmarks.report import CUDA, environment, median_ms, plot, write_report
 from tinygpt.kernels import attention
 from tinygpt.kernels.reference import attention_reference
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.report import CUDA, environment, median_ms, plot, synchronized, write_report
 
 DEVICE = "cuda" if CUDA else "cpu"
 MODEL = dict(B=64, H=6, T=256, D=64)
@@ -82,20 +82,13 @@ def test_attention_model_shape(benchmark, provider, mode):
     dtype = torch.bfloat16 if CUDA else torch.float32
     step, grads = make_case(**shape, dtype=dtype, mode=mode, provider=provider)
     benchmark.extra_info.update(shape=shape, dtype=str(dtype), device=DEVICE)
-
-    def run():
-        step()
-        for t in grads or ():
-            t.grad = None
-        if CUDA:
-            torch.cuda.synchronize()
-
-    benchmark(run)
+    benchmark(synchronized(step, grads))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"] if CUDA else ["float32"])
+    parser.add_argument("--dtypes", nargs="+",
+                        default=["bfloat16", "float16"] if CUDA else ["float32"])
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if not CUDA:
@@ -106,7 +99,8 @@ def main() -> None:
         for D in (64, 128):
             cases += [("sweep", dict(B=16384 // T, H=2048 // D, T=T, D=D), 0.0) for T in SWEEP_T]
     else:
-        cases = [("model (B=4)", dict(MODEL, B=4), 0.0), ("model (B=4), dropout 0.2", dict(MODEL, B=4), 0.2)]
+        small = dict(MODEL, B=4)
+        cases = [("model (B=4)", small, 0.0), ("model (B=4), dropout 0.2", small, 0.2)]
     rows, series = [], {}
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -120,9 +114,9 @@ def main() -> None:
                     mem = peak_mib(step) if mode == "fwd+bwd" else float("nan")
                     results[provider] = ms
                     tflops = flops(**shape, mode=mode) / ms / 1e9
-                    rows.append([label, "{B}x{H}x{T}x{D}".format(**shape), dtype_name, mode, provider,
-                                 f"{ms:.3f}", f"{tflops:.3g}", "n/a" if mem != mem else f"{mem:.0f}",
-                                 ""])
+                    mem_text = "n/a" if mem != mem else f"{mem:.0f}"  # NaN: not measured
+                    rows.append([label, "{B}x{H}x{T}x{D}".format(**shape), dtype_name, mode,
+                                 provider, f"{ms:.3f}", f"{tflops:.3g}", mem_text, ""])
                     print(" | ".join(rows[-1][:8]), flush=True)
                     if label == "sweep" and dtype_name == args.dtypes[0]:
                         series.setdefault(f"{provider} D={shape['D']} {mode}", []).append(
@@ -134,7 +128,8 @@ def main() -> None:
         args.out, "attention", f"Causal attention: Triton vs SDPA vs reference ({DEVICE})",
         ["case", "BxHxTxD", "dtype", "mode", "provider", "median ms", "TFLOP/s",
          "peak MiB (fwd+bwd)", "vs SDPA"], rows, environment(),
-        notes=f"The reference is skipped above T={REFERENCE_MAX_T} (its T x T scores would not fit).",
+        notes=f"The reference is skipped above T={REFERENCE_MAX_T} (its T x T scores would not "
+              f"fit).",
     )
     plot(path.with_suffix(".png"), f"Causal attention throughput ({args.dtypes[0]}, 16K tokens)",
          "sequence length T", "TFLOP/s", series)

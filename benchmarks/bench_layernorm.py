@@ -11,14 +11,21 @@ Without CUDA it says so and times only the torch providers, on the CPU.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from benchmarks.report import CUDA, copy_bandwidth_gbs, environment, median_ms, plot, write_report
 from tinygpt.kernels import layer_norm
+
+from benchmarks.report import (
+    CUDA,
+    copy_bandwidth_gbs,
+    environment,
+    median_ms,
+    plot,
+    synchronized,
+    write_report,
+)
 
 DEVICE = "cuda" if CUDA else "cpu"
 MODEL_SHAPE = (64 * 256, 384)  # batch 64 x block 256 rows of the shakespeare-char width
@@ -57,15 +64,7 @@ def test_layer_norm(benchmark, provider, mode):
     dtype = torch.bfloat16 if CUDA else torch.float32
     step, grads = make_case(M, N, dtype, mode, providers()[provider])
     benchmark.extra_info.update(shape=(M, N), dtype=str(dtype), device=DEVICE)
-
-    def run():
-        step()
-        for t in grads or ():
-            t.grad = None
-        if CUDA:
-            torch.cuda.synchronize()
-
-    benchmark(run)
+    benchmark(synchronized(step, grads))
 
 
 def main() -> None:

@@ -42,7 +42,8 @@ def main() -> None:
         f"(evaluations included), {summary['tokens_per_second']:,.0f} tokens/s\n"
         f"- best val loss: {summary['best_val_loss']:.4f}\n"
         f"- val loss <= {args.target}: "
-        + (f"first at step {reached['iter']}, {reached['seconds']:.1f} s" if reached else "not reached")
+        + (f"first at step {reached['iter']}, {reached['seconds']:.1f} s" if reached
+           else "not reached")
         + (f"\n- overrides: {overrides}" if overrides else "")
     )
     print(notes)

@@ -16,11 +16,10 @@ import time
 import pytest
 import torch
 
+from benchmarks.report import environment, peak_tflops, write_report
 from tinygpt.config import from_preset
 from tinygpt.model import build_model
 from tinygpt.train import make_optimizer, precision
-
-from benchmarks.report import environment, peak_tflops, write_report
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = "shakespeare-char" if DEVICE.type == "cuda" else "cpu-baby"
@@ -98,9 +97,9 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
     baseline = {row[0]: float(row[1]) for row in rows}
     for row in rows:
-        row.append(" ".join(f"{baseline[name] / float(row[1]):.2f}x {name}"
-                            for name in ("reference", "torch", "torch + compile") if name in baseline
-                            and name != row[0]))
+        others = [n for n in ("reference", "torch", "torch + compile") if n in baseline]
+        row.append(" ".join(f"{baseline[n] / float(row[1]):.2f}x {n}" for n in others
+                            if n != row[0]))
     write_report(
         args.out, "train_step",
         f"Training step, {PRESET} preset ({DEVICE.type}), median of {args.steps} steps",

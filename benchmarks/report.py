@@ -81,6 +81,18 @@ def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: 
     return path
 
 
+def synchronized(step, grad_to_none=None):
+    """step() followed by a CUDA sync and gradients reset: one timed call for pytest-benchmark."""
+    def run():
+        step()
+        for t in grad_to_none or ():
+            t.grad = None
+        if CUDA:
+            torch.cuda.synchronize()
+
+    return run
+
+
 def median_ms(fn, grad_to_none=None) -> float:
     """Median wall time of fn() in milliseconds: triton's do_bench on CUDA (L2 flushed between
     runs, gradients reset), a warmed-up perf_counter loop of at least 0.3 s elsewhere."""

@@ -44,6 +44,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile(base, b, h, stride_b, stride_h, rows, stride_r, cols, stride_c):
+    """Pointers to the (len(rows), len(cols)) tile of head (b, h) of a 4-d tensor."""
+    return base + b * stride_b + h * stride_h + rows[:, None] * stride_r + cols[None, :] * stride_c
+
+
+@triton.jit
 def _dropout_keep(seed, bh, rows, cols, dropout_p):
     """Keep-mask for query indices `rows` and key indices `cols` (broadcast against each other)."""
     rows, cols = tl.broadcast(rows, cols)
@@ -64,7 +70,7 @@ def _fwd_key_loop(
         valid = offs_n[None, :] < S  # (1, BLOCK_N)
         if DIAGONAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])  # (BLOCK_M, BLOCK_N)
-        k_t = tl.load(k_ptrs + start_n * stride_kt, mask=offs_n[None, :] < S, other=0.0)  # (D, BLOCK_N)
+        k_t = tl.load(k_ptrs + start_n * stride_kt, mask=offs_n[None, :] < S, other=0.0)  # (D, N)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -74,7 +80,7 @@ def _fwd_key_loop(
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=offs_n[:, None] < S, other=0.0)  # (BLOCK_N, D)
+        v = tl.load(v_ptrs + start_n * stride_vt, mask=offs_n[:, None] < S, other=0.0)  # (N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -97,10 +103,10 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
-                + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    q = tl.load(_tile(Q, b, h, stride_qb, stride_qh, offs_m, stride_qt, offs_d, stride_qd),
+                mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
+    k_ptrs = _tile(K, b, h, stride_kb, stride_kh, offs_d, stride_kd, offs_n, stride_kt)  # (D, N)
+    v_ptrs = _tile(V, b, h, stride_vb, stride_vh, offs_n, stride_vt, offs_d, stride_vd)  # (N, D)
     seed = tl.load(Seed)  # unused without dropout
 
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
@@ -109,8 +115,9 @@ def _attn_fwd_kernel(
     if CAUSAL:
         # Key tiles left of this query tile are fully visible; the ones on its diagonal are masked.
         acc, l_i, m_i = _fwd_key_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, 0, tl.minimum(start_m, S),
-            S, qk_scale, seed, bh, dropout_p, False, DROPOUT, BLOCK_N, PRECISION)
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, 0,
+            tl.minimum(start_m, S), S, qk_scale, seed, bh, dropout_p, False, DROPOUT, BLOCK_N,
+            PRECISION)
         acc, l_i, m_i = _fwd_key_loop(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, start_m,
             tl.minimum(start_m + BLOCK_M, S), S, qk_scale, seed, bh, dropout_p, True, DROPOUT,
@@ -123,7 +130,7 @@ def _attn_fwd_kernel(
     out = acc / l_i[:, None]
     row_ok = offs_m < T
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+    tl.store(_tile(O, b, h, stride_ob, stride_oh, offs_m, stride_ot, offs_d, stride_od),
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -139,9 +146,9 @@ def _attn_bwd_delta_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+    o = tl.load(_tile(O, b, h, stride_ob, stride_oh, offs_m, stride_ot, offs_d, stride_od),
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dd,
+    do = tl.load(_tile(DO, b, h, stride_db, stride_dh, offs_m, stride_dt, offs_d, stride_dd),
                  mask=row_ok[:, None], other=0.0).to(tl.float32)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
@@ -156,7 +163,7 @@ def _dkdv_query_loop(
         offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         row_ok = offs_m < T
         q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-        do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+        do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None], other=0.0)  # (M, D)
         lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -195,12 +202,12 @@ def _attn_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n[:, None] < S
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+    k = tl.load(_tile(K, b, h, stride_kb, stride_kh, offs_n, stride_kt, offs_d, stride_kd),
                 mask=col_ok, other=0.0)  # (BLOCK_N, D)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+    v = tl.load(_tile(V, b, h, stride_vb, stride_vh, offs_n, stride_vt, offs_d, stride_vd),
                 mask=col_ok, other=0.0)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+    q_ptrs = _tile(Q, b, h, stride_qb, stride_qh, offs_m, stride_qt, offs_d, stride_qd)
+    do_ptrs = _tile(DO, b, h, stride_dob, stride_doh, offs_m, stride_dot, offs_d, stride_dod)
     lse_ptr = LSE + bh.to(tl.int64) * T
     delta_ptr = Delta + bh.to(tl.int64) * T
     seed = tl.load(Seed)  # unused without dropout
@@ -212,7 +219,8 @@ def _attn_bwd_dkdv_kernel(
         diag_end = tl.minimum(start_n + BLOCK_N, T)
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
-            start_n, diag_end, T, S, qk_scale, seed, bh, dropout_p, True, DROPOUT, BLOCK_M, PRECISION)
+            start_n, diag_end, T, S, qk_scale, seed, bh, dropout_p, True, DROPOUT, BLOCK_M,
+            PRECISION)
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
             start_n + BLOCK_N, T, T, S, qk_scale, seed, bh, dropout_p, False,
@@ -272,14 +280,14 @@ def _attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+    q = tl.load(_tile(Q, b, h, stride_qb, stride_qh, offs_m, stride_qt, offs_d, stride_qd),
                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    do = tl.load(_tile(DO, b, h, stride_dob, stride_doh, offs_m, stride_dot, offs_d, stride_dod),
+                 mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k_ptrs = _tile(K, b, h, stride_kb, stride_kh, offs_n, stride_kt, offs_d, stride_kd)
+    v_ptrs = _tile(V, b, h, stride_vb, stride_vh, offs_n, stride_vt, offs_d, stride_vd)
     seed = tl.load(Seed)  # unused without dropout
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
@@ -299,7 +307,8 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(Mask, Seed, H, T, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(Mask, Seed, H, T, S, dropout_p,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Mask: (B, H, T, S) uint8, the keep-mask the attention kernels use."""
     bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -441,7 +450,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) 
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     _check_device("q", q)
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"k's batch, heads and head dim must match q's: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
@@ -473,7 +483,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """
     _check(q, k, v, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    seed_t = _seed_tensor(seed, q.device) if dropout_p > 0.0 else q.new_zeros((1,), dtype=torch.int64)
+    if dropout_p > 0.0:
+        seed_t = _seed_tensor(seed, q.device)
+    else:  # the kernels take a seed pointer either way
+        seed_t = q.new_zeros((1,), dtype=torch.int64)
     return _attention_fwd(q, k, v, bool(causal), float(dropout_p), seed_t, scale)[0]
 
 

@@ -33,7 +33,8 @@ MAX_N = 65536
 
 @triton.jit
 def _layer_norm_fwd_kernel(
-    X, Y, W, B, Mean, Rstd,  # X, Y: (M, N) rows strided by stride_x/stride_y; W, B: (N,); Mean, Rstd: (M,)
+    # X, Y: (M, N), rows stride_x / stride_y apart; W, B: (N,); Mean, Rstd: (M,) fp32
+    X, Y, W, B, Mean, Rstd,
     stride_x, stride_y, M, N, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -77,8 +78,9 @@ def _layer_norm_bwd_kernel(
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)
-        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+        x, dy = x.to(tl.float32), dy.to(tl.float32)
         mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -86,7 +88,8 @@ def _layer_norm_bwd_kernel(
         c_xhat = tl.sum(g * xhat, axis=1) / N  # (BLOCK_M,)
         c_mean = tl.sum(g, axis=1) / N  # (BLOCK_M,)
         dx = (g - c_mean[:, None] - xhat * c_xhat[:, None]) * rstd[:, None]
-        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dx_ptrs = DX + rows64[:, None] * stride_dx + cols[None, :]
+        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
     tl.store(DW_part + pid * N + cols, dw, mask=col_ok)
@@ -118,7 +121,8 @@ def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
 def _backward_programs(M: int, block_m: int, device: torch.device) -> int:
     tiles = triton.cdiv(M, block_m)
     if device.type == "cuda":
-        return max(1, min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(tiles, 4 * sms))
     return max(1, min(tiles, 8))
 
 
@@ -175,7 +179,8 @@ def _(x, weight, bias, eps):
 @_layer_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd):
     N = x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((N,), dtype=torch.float32), x.new_empty((N,), dtype=torch.float32)
+    sums = x.new_empty((N,), dtype=torch.float32)
+    return x.new_empty(x.shape), sums, sums.clone()
 
 
 def _setup_context(ctx, inputs, output):

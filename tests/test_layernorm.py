@@ -8,7 +8,6 @@ Rule: max |kernel - fp64 reference| <= 2 * max |F.layer_norm in the same dtype -
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tinygpt.kernels import layernorm
 from tinygpt.kernels.layernorm import MAX_N, layer_norm
 from tinygpt.kernels.reference import layer_norm_reference

@@ -70,7 +70,9 @@ def test_weight_tying_and_presets():
     assert model.lm_head.weight is model.tok_emb.weight
     m, t = from_preset("shakespeare-char")
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (6, 6, 384, 256, 0.2)
-    assert (t.batch_size, t.lr, t.beta2, t.max_iters, t.eval_interval) == (64, 1e-3, 0.99, 5000, 250)
+    assert (t.batch_size, t.lr, t.beta2, t.max_iters) == (64, 1e-3, 0.99, 5000)
+    assert (t.warmup_iters, t.min_lr, t.weight_decay, t.grad_clip) == (100, 1e-4, 0.1, 1.0)
+    assert (t.eval_interval, t.eval_iters) == (250, 200)
     m, t = from_preset("cpu-baby")
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, t.batch_size) == (4, 4, 128, 64, 12)
 

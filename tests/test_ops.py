@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tinygpt.kernels.reference import attention_reference, layer_norm_reference
 
 from tinygpt import ops
 from tinygpt.errors import UserError
-from tinygpt.kernels.reference import attention_reference, layer_norm_reference
 
 
 def _grads(fn, inputs, grad_out):
@@ -67,7 +67,8 @@ def test_layer_norm_reference_matches_torch(shape, affine):
 
     def split(*ts):
         it = iter(ts)
-        return next(it), (next(it) if w is not None else None), (next(it) if b is not None else None)
+        x_ = next(it)
+        return x_, (next(it) if w is not None else None), (next(it) if b is not None else None)
 
     grad_out = torch.randn_like(x)
     out_r, g_r = _grads(lambda *ts: layer_norm_reference(*split(*ts), eps=1e-5), inputs, grad_out)

@@ -51,11 +51,13 @@ def run_benchmarks(suites: list[str], out_dir: str) -> Path:
     day = datetime.date.today().isoformat()
     report = out / f"report-{device}-{day}.md"
     parts = [f"# tinygpt benchmark report ({device}, {day})\n",
-             f"Suites: {', '.join(suites)}." + (f" Failed: {', '.join(failures)}." if failures else "")]
+             f"Suites: {', '.join(suites)}."
+             + (f" Failed: {', '.join(failures)}." if failures else "")]
     for path in written:
         body = path.read_text().split("\n", 1)[1]  # drop the file's own title line
         plot = path.with_suffix(".png")
-        parts.append(f"## {path.stem}\n{body}" + (f"\n![{plot.stem}]({plot.name})\n" if plot.exists() else ""))
+        image = f"\n![{plot.stem}]({plot.name})\n" if plot.exists() else ""
+        parts.append(f"## {path.stem}\n{body}{image}")
     report.write_text("\n\n".join(parts))
     print(f"wrote {report}")
     if failures:

@@ -60,7 +60,8 @@ class TrainConfig:
     seed: int = _f(1337, "random seed for weights, batches and dropout")
     device: str = _f("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     backend: str = _f(
-        "auto", "attention/LayerNorm implementation", choices=("auto", "triton", "torch", "reference")
+        "auto", "attention/LayerNorm implementation",
+        choices=("auto", "triton", "torch", "reference"),
     )
     compile: bool = _f(False, "wrap the model in torch.compile")
     out_dir: str = _f("out", "directory for checkpoints")
@@ -73,7 +74,8 @@ class TrainConfig:
         if self.max_iters < 0:
             raise UserError(f"max_iters must be non-negative, got {self.max_iters}")
         if self.lr <= 0 or self.min_lr < 0:
-            raise UserError(f"lr must be positive and min_lr non-negative, got {self.lr}, {self.min_lr}")
+            raise UserError(f"lr must be positive and min_lr non-negative, got lr={self.lr}, "
+                            f"min_lr={self.min_lr}")
         if self.eval_interval < 1 or self.eval_iters < 1:
             raise UserError("eval_interval and eval_iters must be at least 1")
 

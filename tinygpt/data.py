@@ -83,7 +83,8 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"data file is not UTF-8 text (bad byte at offset {e.start}): {path}") from e
+        raise UserError(
+            f"data file is not UTF-8 text (bad byte at offset {e.start}): {path}") from e
 
 
 class Tokenizer:

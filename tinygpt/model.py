@@ -152,7 +152,8 @@ class GPT(LanguageModel):
         if start and T != 1:
             raise ValueError("after the prefill, a cached forward takes one token at a time")
         if start + T > self.config.block_size:
-            raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")
+            raise ValueError(
+                f"positions up to {start + T} exceed block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for layer, block in enumerate(self.blocks):

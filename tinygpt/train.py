@@ -176,8 +176,9 @@ def _resume_configs(ckpt: dict, overrides: dict) -> tuple[ModelConfig, TrainConf
                 f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
                 f"{getattr(model_cfg, name)}; a resumed run keeps the model it was started with"
             )
-    train_values = {**ckpt["train_config"],
-                    **{k: v for k, v in overrides.items() if k not in model_names and v is not None}}
+    train_overrides = {k: v for k, v in overrides.items()
+                       if k not in model_names and v is not None}
+    train_values = {**ckpt["train_config"], **train_overrides}
     train_cfg = TrainConfig(**train_values)
     train_cfg.validate()
     return model_cfg, train_cfg
@@ -268,7 +269,7 @@ class _Run:
         self.start_iter, self.best_val = ckpt["iteration"], ckpt["best_val_loss"]
         self.skip_first_eval = ckpt["evaluated"]
         rng = ckpt["rng"]
-        if len(rng["torch"]) == self.ctx.world_size:  # dropout streams resume only on the same count
+        if len(rng["torch"]) == self.ctx.world_size:  # per-rank dropout streams: same count only
             torch.set_rng_state(rng["torch"][self.ctx.rank])
             if self.device.type == "cuda" and rng["cuda"] is not None:
                 torch.cuda.set_rng_state(rng["cuda"][self.ctx.rank], self.device)
@@ -332,8 +333,8 @@ class _Run:
         for m in self.streams:
             x, y = self.batches.get("train", stream=m)
             last = m == self.streams[-1]
-            sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.step_model.no_sync()
-            with sync:
+            skip_sync = self.ctx.enabled and not last  # all-reduce on the last micro-batch only
+            with self.step_model.no_sync() if skip_sync else contextlib.nullcontext():
                 with self.autocast():
                     _, loss = self.step_model(x, y)
                 self.scaler.scale(loss / len(self.streams)).backward()
