@@ -112,8 +112,10 @@ def test_train_command_with_compile(tmp_path, small_text_file):
     assert summary["steps"] == 2 and (tmp_path / "best.pt").is_file()
 
 
-def test_compile_with_interpreted_triton_is_refused(tmp_path, small_text_file):
+def test_compile_with_interpreted_triton_is_refused(tmp_path, small_text_file, monkeypatch):
     from tinygpt.errors import UserError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CPU path, also on a CUDA machine
 
     with pytest.raises(UserError, match="--compile with the triton backend needs CUDA"):
         train("cpu-baby", dict(device="cpu", backend="triton", compile=True, out_dir=str(tmp_path)),

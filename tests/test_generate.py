@@ -98,10 +98,13 @@ def test_top_k_and_top_p_stay_in_their_sets():
 
 
 def test_cached_generation_on_the_triton_backend():
-    ref = model_for_generation(dtype=torch.float32)
-    fused = model_for_generation(backend="triton", dtype=torch.float32)
-    prompt = torch.randint(0, 13, (1, 4))
-    assert torch.equal(run(fused, prompt, 30, "shift", 0.0), run(ref, prompt, 30, "shift", 0.0))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
+    ref = model_for_generation(dtype=torch.float32).to(device)
+    fused = model_for_generation(backend="triton", dtype=torch.float32).to(device)
+    prompt = torch.randint(0, 13, (1, 4), device=device)
+    out = generate(fused, prompt, 30, temperature=0.0, cache="shift")  # greedy
+    assert out.shape == (1, 34)
+    assert torch.equal(out, generate(ref, prompt, 30, temperature=0.0, cache="shift"))
 
 
 def test_sample_command_streams_exactly_the_generated_text(tmp_path, capsys):
