@@ -4,7 +4,7 @@
 #
 #   OUT=/somewhere DATA=path/to/tinyshakespeare.txt bash benchmarks/gpu_suite.sh [STAGE...]
 #
-# STAGE: all (default), tests, kernels, train, quality, ddp, generate, pytest-bench; run stages
+# STAGE: all (default), tests, kernels, train, quality, ddp, tune, generate, pytest-bench; run stages
 # alone to fit a time limit per call. Tables and logs are written under $WORK and packed into
 # $OUT/gpu_suite-STAGES.tgz (one file: the device tool returns few files), with summary.txt
 # beside it. DATA defaults to the first tiny Shakespeare copy found in shared/data, ../shared/data
@@ -64,6 +64,7 @@ wants quality && run bench_quality $PY -m benchmarks.bench_quality --preset shak
 wants ddp && run ddp_nccl_1proc $PY -m torch.distributed.run --nproc_per_node=1 -m tinygpt train \
     --preset shakespeare-char --max-iters 500 --eval-interval 250 --eval-iters 20 \
     --out-dir "$WORK/ddp" "${data_args[@]}"
+wants tune && run tune_attention $PY -m benchmarks.tune_attention --out "$RESULTS"
 wants generate && run bench_generate $PY -m benchmarks.bench_generate --out "$RESULTS"
 wants pytest-bench && run pytest_benchmarks $PY -m pytest benchmarks -q -p no:cacheprovider \
     --benchmark-enable --benchmark-json "$RESULTS/pytest-benchmark-cuda.json"

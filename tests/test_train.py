@@ -325,3 +325,13 @@ def test_unknown_option_is_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     _one_line_error(exit_info.value.code, capsys.readouterr().err, needle)
+
+
+def test_resume_needs_the_training_state(tmp_path, corpus_path):
+    cfg = ModelConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    vocab = "".join(sorted(set(corpus_path.read_text())))
+    save_checkpoint(tmp_path / "last.pt", {"model_config": vars(cfg), "train_config": {},
+                                           "iteration": 3, "model": build_model(cfg).state_dict(),
+                                           "vocab": vocab})
+    with pytest.raises(UserError, match="lacks the training state.*optimizer"):
+        train("cpu-baby", {"out_dir": str(tmp_path)}, data=str(corpus_path), resume=True)

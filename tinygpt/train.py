@@ -264,6 +264,10 @@ class _Run:
             + (f" | resuming at iteration {self.start_iter}" if ckpt is not None else ""))
 
     def _restore(self, ckpt: dict, path: Path) -> None:
+        missing = sorted({"optimizer", "rng", "best_val_loss", "evaluated"} - ckpt.keys())
+        if missing:
+            raise UserError(f"checkpoint {path} lacks the training state to resume from "
+                            f"({', '.join(missing)})")
         restore(self.model, ckpt["model"], path)
         restore(self.optimizer, ckpt["optimizer"], path, what="optimizer state")
         self.start_iter, self.best_val = ckpt["iteration"], ckpt["best_val_loss"]
