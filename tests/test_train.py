@@ -335,3 +335,13 @@ def test_resume_needs_the_training_state(tmp_path, corpus_path):
                                            "vocab": vocab})
     with pytest.raises(UserError, match="lacks the training state.*optimizer"):
         train("cpu-baby", {"out_dir": str(tmp_path)}, data=str(corpus_path), resume=True)
+
+
+@pytest.mark.slow
+def test_bench_command_writes_a_dated_report(tmp_path, capsys):
+    assert main(["bench", "train", "--out", str(tmp_path)]) == 0
+    reports = list(tmp_path.glob("report-*.md"))
+    assert len(reports) == 1
+    text = reports[0].read_text()
+    assert "## train_step-" in text and "| torch |" in text and "| reference |" in text
+    assert "- torch: `" in text  # the environment block travels with each table

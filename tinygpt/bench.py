@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .errors import UserError
 
 SUITES = {
@@ -47,7 +49,7 @@ def run_benchmarks(suites: list[str], out_dir: str) -> Path:
                      if p.stat().st_mtime >= started and not p.name.startswith("report-"))
     if not written:
         raise UserError("no benchmark wrote a result; see the output above")
-    device = written[0].stem.split("-")[-4]  # NAME-DEVICE-YYYY-MM-DD
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as the scripts name their files
     day = datetime.date.today().isoformat()
     report = out / f"report-{device}-{day}.md"
     parts = [f"# tinygpt benchmark report ({device}, {day})\n",
