@@ -207,30 +207,41 @@ KILL_MID_WRITE = """
 import os, signal, sys
 import torch
 from tinygpt import checkpoint
+from tinygpt.cli import main
 
-path = sys.argv[1]
-checkpoint.save_checkpoint(path, {"iteration": 1, "model": {"w": torch.ones(1000)}})
+writes = 0
 real_save = torch.save
 
-def crash_halfway(obj, f):
-    f.write(b"PK partial zip")  # some bytes reach the temporary file, then the process dies
+def crash_on_third_write(obj, f):
+    # Evaluation at step 0 writes best.pt and last.pt; the third write, at step 5, is torn:
+    # some bytes reach the temporary file, then the process dies as if the machine went down.
+    global writes
+    writes += 1
+    if writes < 3:
+        return real_save(obj, f)
+    f.write(b"PK partial zip")
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-checkpoint.torch.save = crash_halfway
-checkpoint.save_checkpoint(path, {"iteration": 2, "model": {"w": torch.zeros(1000)}})
+checkpoint.torch.save = crash_on_third_write
+main(["train", "--preset", "cpu-baby", "--data", sys.argv[1], "--out-dir", sys.argv[2],
+      "--device", "cpu", "--n-layer", "1", "--n-embd", "32", "--max-iters", "10",
+      "--eval-interval", "5", "--eval-iters", "1"])
 """
 
 
-def test_killed_while_writing_keeps_the_previous_checkpoint(tmp_path):
-    path = tmp_path / "last.pt"
-    proc = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(path)], capture_output=True)
+def test_training_killed_while_writing_keeps_the_previous_checkpoint(tmp_path, corpus_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(corpus_path), str(out)],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the torn temporary file
-    ck = torch.load(path, weights_only=True)
-    assert ck["iteration"] == 1 and torch.equal(ck["model"]["w"], torch.ones(1000))
-    save_checkpoint(path, {"iteration": 3})  # the next save clears the debris
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert "step 5:" in proc.stderr  # it died writing the second evaluation's checkpoint
+    assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the torn temporary file
+    assert load_checkpoint(out / "last.pt")["iteration"] == 0  # the previous one, intact
+    resumed = train("cpu-baby", {"out_dir": str(out)}, data=str(corpus_path), resume=True,
+                    log_interval=1000)
+    assert resumed["iterations"] == 10  # and training goes on from it
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt"]  # debris cleared
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])
