@@ -356,3 +356,16 @@ def test_bench_command_writes_a_dated_report(tmp_path, capsys):
     text = reports[0].read_text()
     assert "## train_step-" in text and "| torch |" in text and "| reference |" in text
     assert "- torch: `" in text  # the environment block travels with each table
+
+
+def test_a_new_run_does_not_clobber_an_old_one(tmp_path, corpus_path, capsys):
+    tiny_run(tmp_path, corpus_path, max_iters=2, eval_interval=1)
+    before = (tmp_path / "out" / "last.pt").read_bytes()
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
+                         "--device", "cpu", "--out-dir", str(tmp_path / "out"))
+    _one_line_error(rc, err, "already holds a run")
+    assert (tmp_path / "out" / "last.pt").read_bytes() == before
+    summary = train("cpu-baby", {**TINY, "max_iters": 1, "eval_interval": 1,
+                                 "out_dir": str(tmp_path / "out")},
+                    data=str(corpus_path), overwrite=True)
+    assert summary["iterations"] == 1

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUT_DIR/last.pt (training options may be changed)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an OUT_DIR that holds another run's checkpoints")
     train.add_argument("--log-interval", type=int, default=10, metavar="N",
                        help="report the training loss every N steps (default: 10)")
     _add_config_flags(train)
@@ -116,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cuda = pick_device(overrides.get("device", "auto")).type == "cuda"
         preset = "shakespeare-char" if cuda else "cpu-baby"
     summary = train(preset or "shakespeare-char", overrides, data=args.data, resume=args.resume,
-                    log_interval=args.log_interval)
+                    log_interval=args.log_interval, overwrite=args.overwrite)
     signum = summary["interrupted_by"]
     return 128 + signum if signum else 0
 

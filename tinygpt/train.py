@@ -185,8 +185,10 @@ def _resume_configs(ckpt: dict, overrides: dict) -> tuple[ModelConfig, TrainConf
 
 
 def train(preset: str = "shakespeare-char", overrides: dict | None = None, data: str | None = None,
-          resume: bool = False, log_interval: int = 10) -> dict:
+          resume: bool = False, log_interval: int = 10, overwrite: bool = False) -> dict:
     """Train a model; returns a summary: losses, timings, checkpoint paths and the model.
+
+    A new run refuses an out_dir that holds another run's checkpoints unless `overwrite`.
 
     Under torchrun every process runs this: data parallel, rank 0 evaluates and checkpoints.
     """
@@ -197,6 +199,10 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
         ckpt = load_checkpoint(ckpt_path)
     else:
         model_cfg, cfg = from_preset(preset, **overrides)  # bad options fail before any I/O
+        previous = Path(cfg.out_dir) / "last.pt"
+        if previous.exists() and not overwrite:
+            raise UserError(f"{cfg.out_dir}/ already holds a run ({previous.name}); continue it "
+                            "with --resume, or pass --overwrite or another --out-dir")
     text, data_name = _load_corpus(data)
     tokenizer = Tokenizer.from_text(text)
     if ckpt is not None:
