@@ -186,23 +186,6 @@ def test_nan_loss_stops_cleanly(tmp_path, corpus_path, capsys):
     assert load_checkpoint(tmp_path / "out" / "best.pt")["iteration"] == 0
 
 
-def test_python_dash_m_and_sigint(tmp_path, corpus_path):
-    cmd = [sys.executable, "-m", "tinygpt", "train", "--preset", "cpu-baby",
-           "--data", str(corpus_path), "--device", "cpu", "--n-layer", "1", "--n-embd", "32",
-           "--max-iters", "100000", "--eval-interval", "100000", "--eval-iters", "1",
-           "--log-interval", "1", "--out-dir", str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:  # wait until training steps are running
-        if "/100000 loss" in line:
-            break
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "stopped by SIGINT" in err
-    ck = load_checkpoint(tmp_path / "out" / "last.pt")
-    assert ck["iteration"] >= 1
-
-
 KILL_MID_WRITE = """
 import os, signal, sys
 import torch
@@ -261,18 +244,21 @@ def test_forced_triton_backend_that_cannot_run(tmp_path, capsys, corpus_path, mo
     _one_line_error(rc, err, "backend 'triton' needs a CUDA device")
 
 
-def test_sigterm_saves_and_exits_143(tmp_path, corpus_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_finishes_the_step_saves_and_exits(tmp_path, corpus_path, sig, code):
+    """Through `python -m tinygpt`, as a user's Ctrl-C or a scheduler's SIGTERM would arrive."""
     cmd = [sys.executable, "-m", "tinygpt", "train", "--preset", "cpu-baby",
            "--data", str(corpus_path), "--device", "cpu", "--n-layer", "1", "--n-embd", "32",
            "--max-iters", "100000", "--eval-interval", "100000", "--eval-iters", "1",
            "--log-interval", "1", "--out-dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
+    for line in proc.stderr:  # wait until training steps are running
         if "/100000 loss" in line:
             break
-    proc.terminate()
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
+    assert proc.returncode == code, err
+    assert f"stopped by {sig.name}" in err
     assert load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] >= 1
 
 
