@@ -3,6 +3,7 @@
 import hashlib
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,15 @@ def test_tokenizer_round_trip(corpus_path):
     ids = tok.encode(sample)
     assert all(0 <= i < tok.vocab_size for i in ids)
     assert tok.decode(ids) == sample
+
+
+def test_whole_corpus_encoding_matches_encode():
+    text = "Thé quick\n brown fox — 中文 🙂 jumps" * 50
+    tok = Tokenizer.from_text(text)
+    ids = tok.encode_array(text)
+    assert ids.dtype == np.int64 and ids.tolist() == tok.encode(text)
+    with pytest.raises(UserError, match="not in the vocabulary: '!'"):
+        Tokenizer.from_text("abc").encode_array("ab!c")
 
 
 def test_tokenizer_lists_unknown_characters():
