@@ -51,7 +51,7 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
 
 
 def precision(device: torch.device) -> tuple[torch.dtype | None, str]:
-    """Autocast dtype for `device` (None: full fp32) and a words for it."""
+    """Autocast dtype for `device` (None: full fp32) and how to describe it."""
     if device.type != "cuda":
         return None, "fp32"
     if torch.cuda.is_bf16_supported():
