@@ -19,7 +19,8 @@ import torch
 from benchmarks.report import environment, peak_tflops, write_report
 from tinygpt.config import from_preset
 from tinygpt.model import build_model
-from tinygpt.train import make_optimizer, precision
+from tinygpt.ops import precision
+from tinygpt.train import make_optimizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = "shakespeare-char" if DEVICE.type == "cuda" else "cpu-baby"

@@ -1,20 +1,25 @@
-"""Compile every Triton kernel configuration for a GPU without having one, and report resources.
+"""Compile every Triton kernel configuration for GPUs without having one, and report resources.
 
-    python -m benchmarks.compile_check [--arch 90] [--quick] [--out DIR]
+    python -m benchmarks.compile_check [--arch 80 86 89 90 120] [--quick] [--jobs N] [--out DIR]
+                                       [--baseline EARLIER_REPORT.md]
 
-Triton compiles ahead of time for any NVIDIA target with the ptxas it ships. For each
-specialization the launchers can pick (dtype, head dim, causal, dropout; LayerNorm row widths)
-this reports registers per thread, spilled bytes (stack/local), shared memory, and whether the
-kernel fits the target (shared memory within the per-block limit). Registers at 255 with a
-stack mean spills: slow on the GPU. It must run without TRITON_INTERPRET (the interpreter
-replaces the kernels with Python).
+Triton compiles ahead of time for any NVIDIA target with the ptxas it ships. For each target and
+each specialization the launchers pick there (dtype, head dim, causal, dropout; LayerNorm row
+widths) this reports registers per thread, spilled bytes (stack/local), shared memory against the
+target's per-block limit, and the static instruction count of the machine code (cuobjdump -sass,
+NOPs excluded), with the ratio of each dropout kernel to the same kernel without dropout, and
+beside them the counts of an earlier report (`--baseline`) for the same target and kernel.
+Registers at 255 with a stack mean spills: slow on the GPU. It must run without TRITON_INTERPRET
+(the interpreter replaces the kernels with Python).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib
 import itertools
+import multiprocessing
 import os
 import re
 import subprocess
@@ -28,22 +33,32 @@ from triton.compiler import ASTSource
 
 from benchmarks.report import environment, write_report
 
-SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376}  # bytes per block (opt-in maximum)
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+ARCHS = (80, 86, 89, 90, 120)  # A100; RTX 30xx, A10; L4, RTX 40xx; H100, H200; RTX 50xx
 
 attention = importlib.import_module("tinygpt.kernels.attention")
 layernorm = importlib.import_module("tinygpt.kernels.layernorm")
+gpu = importlib.import_module("tinygpt.kernels.gpu")
 
 
-def resources(cubin: bytes) -> dict[str, int]:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
-                              text=True, check=True).stdout
-    found = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", text))
-    return {k: int(v) for k, v in found.items()}
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers, stack/local bytes and the static SASS instruction count of a cubin."""
+    text = _cuobjdump(cubin, "--dump-resource-usage")
+    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", text)}
+    sass = _cuobjdump(cubin, "-sass").splitlines()
+    # Instruction lines look like "        /*0a40*/   FFMA R3, R2, R5, R3 ;  /* 0x... */".
+    usage["SASS"] = sum(1 for line in sass
+                        if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line) and " NOP" not in line)
+    return usage
 
 
 def compile_kernel(fn, pointers: dict[str, str], ints: list[str], floats: list[str],
@@ -63,8 +78,9 @@ def compile_kernel(fn, pointers: dict[str, str], ints: list[str], floats: list[s
                             target=GPUTarget("cuda", arch, 32),
                             options={k: v for k, v in launch.items() if k.startswith("num_")})
     usage = resources(kernel.asm["cubin"])
-    spill = usage.get("STACK", 0) + usage.get("LOCAL", 0)
-    return {"registers": usage.get("REG", 0), "spill": spill, "shared": kernel.metadata.shared}
+    return {"registers": usage.get("REG", 0),
+            "spill": usage.get("STACK", 0) + usage.get("LOCAL", 0),
+            "shared": kernel.metadata.shared, "instructions": usage["SASS"]}
 
 
 def strides(*names: str) -> list[str]:
@@ -75,7 +91,9 @@ def _blocks(launch: dict) -> dict:
     return {k: v for k, v in launch.items() if k.startswith("BLOCK")}
 
 
-def attention_cases(quick: bool):
+def attention_cases(quick: bool, arch: int):
+    """(label, kernel, pointers, ints, floats, constexprs, launch) for every attention kernel."""
+    target = gpu.Target(arch, gpu.SHARED_MEMORY[arch])
     dtypes = [torch.bfloat16] if quick else list(TRITON_TYPES)
     head_dims = [64, 128] if quick else list(attention.HEAD_DIMS)
     causals = [True] if quick else [True, False]
@@ -84,24 +102,25 @@ def attention_cases(quick: bool):
         common = dict(CAUSAL=causal, DROPOUT=dropout, HEAD_DIM=D,
                       PRECISION=attention._precision(dtype))
         case = f"{t} D={D} {'causal' if causal else 'full'}{' dropout' if dropout else ''}"
-        fwd = attention._fwd_config(D, dtype)
+        fwd, dkdv, dq = attention.launch_settings(D, dtype, target)
         yield (f"attention fwd, {case}", attention._attn_fwd_kernel,
                dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", O=f"*{t}", LSE="*fp32", Seed="*i64"),
-               strides("q", "k", "v", "o") + ["H", "T", "S"], ["qk_scale", "dropout_p"],
-               {**common, **_blocks(fwd)}, fwd)
-        dkdv, dq = attention._bwd_configs(D, dtype)
+               strides("q", "k", "v", "o") + ["H", "T", "S", "threshold"],
+               ["qk_scale", "keep_scale"], {**common, **_blocks(fwd)}, fwd)
         ptrs = dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", DO=f"*{t}", LSE="*fp32", Delta="*fp32",
                     Seed="*i64")
-        ints = strides("q", "k", "v", "do") + ["H", "T", "S"]
-        floats = ["scale", "qk_scale", "dropout_p"]
+        scalars = ["H", "T", "S", "threshold"]
+        floats = ["scale", "qk_scale", "keep_scale"]
         yield (f"attention dK/dV, {case}", attention._attn_bwd_dkdv_kernel,
-               {**ptrs, "DK": f"*{t}", "DV": f"*{t}"}, ints, floats, {**common, **_blocks(dkdv)},
-               dkdv)
+               {**ptrs, "DK": f"*{t}", "DV": f"*{t}"},
+               strides("q", "k", "v", "do", "dk") + scalars, floats,
+               {**common, **_blocks(dkdv)}, dkdv)
         yield (f"attention dQ, {case}", attention._attn_bwd_dq_kernel, {**ptrs, "DQ": f"*{t}"},
-               ints, floats, {**common, **_blocks(dq)}, dq)
+               strides("q", "k", "v", "do", "dq") + scalars, floats, {**common, **_blocks(dq)},
+               dq)
 
 
-def layernorm_cases(quick: bool):
+def layernorm_cases(quick: bool, arch: int):
     widths = [384, 4096] if quick else [128, 384, 1024, 4096, 16384, 65536]
     for N in widths:
         block_m, block_n, warps = layernorm._launch_config(N)
@@ -116,34 +135,92 @@ def layernorm_cases(quick: bool):
                ["stride_dy", "stride_x", "stride_dx", "M", "N"], [], const, dict(num_warps=warps))
 
 
+def cases(quick: bool, arch: int) -> list[tuple]:
+    return [*attention_cases(quick, arch), *layernorm_cases(quick, arch)]
+
+
+def _compile_case(quick: bool, arch: int, index: int) -> dict:
+    """Worker: compile case `index` for `arch` (cases are rebuilt here: kernels don't pickle)."""
+    _label, fn, pointers, ints, floats, constexprs, launch = cases(quick, arch)[index]
+    return compile_kernel(fn, pointers, ints, floats, constexprs, launch, arch)
+
+
+def read_baseline(path: str) -> dict[tuple[str, str], int]:
+    """SASS instruction counts by (target, kernel) from an earlier report of this script; a
+    report without a target column holds the one target its title names."""
+    lines = Path(path).read_text().splitlines()
+    table = [[c.strip() for c in line.strip().strip("|").split("|")]
+             for line in lines if line.startswith("|") and not line.startswith("|---")]
+    if not table or "SASS instructions" not in table[0]:
+        raise SystemExit(f"{path}: no table with a 'SASS instructions' column")
+    header, rows = table[0], table[1:]
+    title = re.search(r"sm_(\d+)", lines[0])
+    counts = {}
+    for row in rows:
+        cell = dict(zip(header, row))
+        target = cell.get("target") or f"sm_{title.group(1)}"
+        counts[(target, cell["kernel, specialization"])] = int(cell["SASS instructions"])
+    return counts
+
+
+def _ratio(count: int, without: int | None) -> str:
+    return f"{count / without:.2f}x" if without else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
+                        choices=sorted(gpu.SHARED_MEMORY),
+                        help="compute capabilities x10 (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="the model's kernels only: bf16, causal, D 64 and 128, two LayerNorms")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="kernels compiled in parallel (default: one per core)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--baseline", help="an earlier report: its instruction counts go beside")
     args = parser.parse_args()
+    baseline = read_baseline(args.baseline) if args.baseline else {}
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
+    work = [(arch, i, case) for arch in args.arch for i, case in enumerate(cases(args.quick, arch))]
+    with concurrent.futures.ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_compile_case, args.quick, arch, i) for arch, i, _ in work]
+        results = [f.result() for f in futures]
+
+    by_label = {(arch, case[0]): usage for (arch, _, case), usage in zip(work, results)}
     rows, problems = [], []
-    cases = [*attention_cases(args.quick), *layernorm_cases(args.quick)]
-    for label, fn, pointers, ints, floats, constexprs, launch in cases:
-        usage = compile_kernel(fn, pointers, ints, floats, constexprs, launch, args.arch)
-        fits = usage["shared"] <= SHARED_LIMIT.get(args.arch, 232448)
-        settings = " ".join(f"{k}={v}" for k, v in launch.items())
-        rows.append([label, settings, usage["registers"], usage["spill"], usage["shared"],
-                     "yes" if fits else "NO"])
+    for (arch, _, case), usage in zip(work, results):
+        label, launch, target = case[0], case[-1], f"sm_{arch}"
+        limit = gpu.SHARED_MEMORY[arch]
+        fits = usage["shared"] <= limit
+        plain = label.replace(" dropout", "")
+        dropout = plain != label
+        without = by_label.get((arch, plain)) if dropout else None
+        rows.append([target, label, " ".join(f"{k}={v}" for k, v in launch.items()),
+                     usage["registers"], usage["spill"], f"{usage['shared']} / {limit}",
+                     "yes" if fits else "NO", usage["instructions"],
+                     _ratio(usage["instructions"], without and without["instructions"])])
+        if baseline:
+            before = baseline.get((target, label))
+            rows[-1] += [before or "", _ratio(before, dropout and baseline.get((target, plain)))]
         print(" | ".join(map(str, rows[-1])), flush=True)
         if not fits or usage["spill"]:
-            problems.append(label)
+            problems.append(f"sm_{arch} {label}")
+    archs = "-".join(str(a) for a in args.arch)
     write_report(
-        args.out, f"compile-sm{args.arch}", f"Triton kernels compiled for sm_{args.arch} (no GPU)",
-        ["kernel, specialization", "launch", "registers", "spilled bytes", "shared bytes", "fits"],
+        args.out, f"compile-sm{archs}", f"Triton kernels compiled for sm_{archs} (no GPU)",
+        ["target", "kernel, specialization", "launch", "registers", "spilled bytes",
+         "shared bytes / limit", "fits", "SASS instructions", "vs no dropout"]
+        + (["baseline SASS", "baseline vs no dropout"] if baseline else []),
         rows, environment(),
         notes=f"{len(rows)} kernels; with spills or over the shared-memory limit: "
-              f"{', '.join(problems) or 'none'}.")
-    if any(row[-1] == "NO" for row in rows):
-        raise SystemExit("some kernels do not fit the target")
+              f"{', '.join(problems) or 'none'}. SASS instructions: static count in the cubin "
+              "(cuobjdump -sass, NOPs excluded); 'vs no dropout' divides a dropout kernel's count "
+              "by the same kernel's without dropout."
+              + (f" Baseline: {args.baseline}." if baseline else ""))
+    if any(row[6] == "NO" for row in rows):
+        raise SystemExit("some kernels do not fit their target's shared memory")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python -m benchmarks.tune_attention [--out DIR]      # CUDA only
 
-The defaults in kernels/attention.py (`_fwd_config`, `_bwd_configs`) were chosen as the largest
-tiles that compile without register spills on sm_90 (benchmarks/compile_check.py), untimed. This
+The defaults in kernels/attention.py (`launch_settings`) were chosen as the largest tiles that
+compile without register spills (benchmarks/compile_check.py), untimed. This
 script times each candidate below, forward and forward+backward, in bf16 at the model's shape and
 at two long-sequence shapes, and marks the fastest per shape and mode. Candidates that do not
 compile, or do not fit, are reported as such.
@@ -20,6 +20,7 @@ from tinygpt.kernels import attention
 from benchmarks.report import CUDA, environment, median_ms, write_report
 
 module = importlib.import_module("tinygpt.kernels.attention")
+gpu = importlib.import_module("tinygpt.kernels.gpu")
 DEVICE = "cuda"
 
 SHAPES = [dict(B=64, H=6, T=256, D=64), dict(B=4, H=32, T=4096, D=64),
@@ -52,19 +53,18 @@ def main() -> None:
     args = parser.parse_args()
     if not CUDA:
         raise SystemExit("tune_attention times kernels on a CUDA device; none is present")
-    default_fwd, default_bwd = module._fwd_config, module._bwd_configs
+    defaults = module.launch_settings
     rows = []
     for shape in SHAPES:
         label = "{B}x{H}x{T}x{D}".format(**shape)
-        fwd_d = default_fwd(shape["D"], torch.bfloat16)
-        dkdv_d, dq_d = default_bwd(shape["D"], torch.bfloat16)
+        fwd_d, dkdv_d, dq_d = defaults(shape["D"], torch.bfloat16,
+                                       gpu.target(torch.device(DEVICE)))
         trials = [("fwd", as_launch(f), (dkdv_d, dq_d)) for f in FORWARD]
         trials += [("fwd+bwd", fwd_d, (as_launch(a), dq_d)) for a in DKDV]
         trials += [("fwd+bwd", fwd_d, (dkdv_d, as_launch(b))) for b in DQ]
         results = []
         for mode, fwd, bwd in trials:
-            module._fwd_config = lambda D, dtype, fwd=fwd: fwd
-            module._bwd_configs = lambda D, dtype, bwd=bwd: bwd
+            module.launch_settings = lambda D, dtype, target, fwd=fwd, bwd=bwd: (fwd, *bwd)
             try:
                 ms = time_case(shape, mode)
             except Exception as e:  # out of resources, say: report and go on
@@ -75,7 +75,7 @@ def main() -> None:
                        f"dkdv {tuple(bwd[0].values())} dq {tuple(bwd[1].values())}")
             results.append([label, mode, setting, ms, note])
             print(label, mode, setting, f"{ms:.3f} ms", note, flush=True)
-        module._fwd_config, module._bwd_configs = default_fwd, default_bwd
+        module.launch_settings = defaults
         for mode in ("fwd", "fwd+bwd"):
             best = min(r[3] for r in results if r[1] == mode)
             for r in results:

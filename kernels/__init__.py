@@ -9,7 +9,7 @@ from .reference import attention_reference, layer_norm_reference
 
 TRITON_IMPORT_ERROR: str | None = None
 try:
-    from .attention import attention, attention_dropout_mask
+    from .attention import attention, attention_dropout_mask, attention_qkv
     from .layernorm import layer_norm
 except ImportError as e:
     TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
@@ -17,7 +17,7 @@ except ImportError as e:
     def _unavailable(*args, **kwargs):
         raise ImportError(f"the Triton kernels are unavailable ({TRITON_IMPORT_ERROR})")
 
-    attention = attention_dropout_mask = layer_norm = _unavailable
+    attention = attention_dropout_mask = attention_qkv = layer_norm = _unavailable
 
-__all__ = ["attention", "attention_dropout_mask", "layer_norm", "attention_reference",
-           "layer_norm_reference", "TRITON_IMPORT_ERROR"]
+__all__ = ["attention", "attention_dropout_mask", "attention_qkv", "layer_norm",
+           "attention_reference", "layer_norm_reference", "TRITON_IMPORT_ERROR"]

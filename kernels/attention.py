@@ -1,14 +1,15 @@
 """Fused causal attention in Triton (FlashAttention-2 style) with dropout on the weights.
 
 Layers, top to bottom: Triton kernels -> launchers -> `torch.library` ops with autograd ->
-`attention`, the public function. The T x S score matrix is never stored: memory is O(T).
+`attention(q, k, v)` and `attention_qkv(qkv)`, the public functions. The T x S score matrix is
+never stored: memory is O(T).
 
 Forward, per tile of BLOCK_M queries, streaming BLOCK_N keys at a time (online softmax):
     s = q k^T * scale * log2(e)               scores in base-2 units, so exp2 replaces exp
     m' = max(m, rowmax(s)),  a = 2^(m - m'),  p = 2^(s - m')
     l  = l * a + rowsum(p)                     the normaliser counts dropped weights too
-    acc = acc * a + (p * keep / (1 - p_drop)) v
-    out = acc / l,  lse = m + log2(l)           lse (fp32, per row) is saved for backward
+    acc = acc * a + (p * keep) v
+    out = acc / (l (1 - p_drop)),  lse = m + log2(l)     lse (fp32, per row) is saved for backward
 With `causal`, query i sees keys j <= i. Key tiles wholly above the diagonal are never visited;
 only the tiles that straddle it are masked (the constexpr DIAGONAL pass).
 
@@ -18,15 +19,23 @@ delta_i = rowsum(dO_i * O_i) (computed first, one small kernel):
     dS_ij = p_ij (Z_ij (dO_i . v_j) - delta_i)
     dK_j = scale * sum_i dS_ij q_i,  dQ_i = scale * sum_j dS_ij k_j
 One kernel owns a block of keys and walks the queries (dK, dV); another owns a block of queries
-and walks the keys (dQ). No atomics, no T x S buffer.
+and walks the keys (dQ). No atomics, no T x S buffer. The gradients are written through strides,
+so `attention_qkv` gets the gradient of its packed (B, T, 3, H, D) input written in place: no
+stack of three gradients, no copy.
 
-Dropout: element (b, h, i, j) is kept when the Philox draw for counter (i, j, b*H + h, 0) under
-the 64-bit seed is >= p_drop, so the mask is regenerated in backward and never stored, and no
-index can overflow. The seed is a one-element int64 tensor, drawn from torch's generator when not
-given: `torch.manual_seed` makes runs reproducible, and torch.compile traces the draw.
+Dropout: one Philox draw (7 rounds, 64-bit seed) decides eight weights, queries {i, i+8} against
+keys {j, j+1, j+8, j+9} of a 16 x 16 block: the pattern one thread holds of a tensor-core tile
+(`_dropout_keep` gives the exact map). Each weight takes a 16-bit slice of the 128 random bits
+and is kept when the slice is >= round(p_drop * 2^16), so the keep probability is within 2^-17
+of 1 - p_drop. The mask is a pure function of (seed, b*H + h, i, j) that backward regenerates
+(it is never stored), and no index can overflow. The seed is a one-element int64 tensor, drawn
+from torch's generator when not given: `torch.manual_seed` makes runs reproducible,
+torch.compile traces the draw, and CUDA graphs capture it.
 
 fp16 and bf16 inputs use tensor-core matmuls with fp32 accumulation; fp32 inputs are computed in
-full fp32 (no tf32), so they match an fp32 reference closely and run slower.
+full fp32 (no tf32), so they match an fp32 reference closely and run slower. Offsets are 64-bit
+wherever a product can pass 2^31. Launch settings depend on the GPU (`launch_settings`); the
+kernels need compute capability 8.0 or newer.
 """
 
 from __future__ import annotations
@@ -38,49 +47,107 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .gpu import MIN_CAPABILITY, SHARED_MEMORY, Target, on_device, target
+
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_BATCH_HEADS = 65535  # B * H runs along the second launch-grid axis
 LOG2E = 1.4426950408889634
+DROPOUT_BITS = 16  # random bits per keep decision: 128 // 16 = 8 decisions per Philox draw
+# Philox rounds per draw. Random123 finds 7 the fewest that pass BigCrush (10 is its default, with
+# margin); over 2**24 of our keep bits, 6 rounds still correlate neighbouring draws (-5.5 standard
+# errors) and 7 show nothing above 2. See the dropout tests.
+PHILOX_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
-def _tile(base, b, h, stride_b, stride_h, rows, stride_r, cols, stride_c):
-    """Pointers to the (len(rows), len(cols)) tile of head (b, h) of a 4-d tensor."""
-    return base + b * stride_b + h * stride_h + rows[:, None] * stride_r + cols[None, :] * stride_c
+def _head(base, bh, H, stride_b, stride_h):
+    """Pointer to head bh = b * H + h of a (B, H, ...) tensor."""
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    return base + b * stride_b + h * stride_h
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, dropout_p):
-    """Keep-mask for query indices `rows` and key indices `cols` (broadcast against each other)."""
-    rows, cols = tl.broadcast(rows, cols)
-    zero = rows * 0
-    r, _, _, _ = tl.philox(seed, rows, cols, zero + bh, zero)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+def _tile(base, rows, stride_r, cols, stride_c):
+    """Pointers to the (len(rows), len(cols)) tile at `base`, with 64-bit offsets."""
+    return base + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
+
+
+@triton.jit
+def _keep_halves(word, thr):
+    """Keep bits (..., 2) of the low and high 16-bit halves of `word`; thr = threshold << 16."""
+    return tl.join((word << 16) >= thr, word >= thr)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, start_m, start_n, threshold,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """Keep-mask (BLOCK_M, BLOCK_N) of queries start_m + i against keys start_n + j, or with
+    TRANSPOSED its transpose (BLOCK_N, BLOCK_M). Starts and blocks are multiples of 16.
+
+    Query 16c + 8z + d and key 16a + 8x + 2b + y take half y of word 2x + z of the Philox draw
+    for counter (8c + d, 4a + b, bh, 0): queries {i, i+8} and keys {j, j+1, j+8, j+9} share a
+    draw. One thread holds exactly that pattern of the tensor-core accumulator, so no bits move
+    between threads. The dK/dV tile is transposed: a thread holds half of a draw's weights there,
+    and two neighbouring lanes draw the same counter rather than exchange bits.
+    """
+    thr = tl.cast(threshold, tl.uint32) << 16
+    c = start_m // 16 + tl.arange(0, BLOCK_M // 16)
+    d = tl.arange(0, 8)
+    a = start_n // 16 + tl.arange(0, BLOCK_N // 16)
+    b = tl.arange(0, 4)
+    if TRANSPOSED:
+        y = tl.arange(0, 2)[None, None, :, None, None]  # (1, 1, 2, 1, 1)
+        key_group = (a[:, None] * 4 + b[None, :])[:, :, None, None, None] + y * 0  # (., 4, 2, 1, 1)
+        query_group = (c[:, None] * 8 + d[None, :])[None, None, None, :, :]  # (1, 1, 1, ., 8)
+        key_group, query_group = tl.broadcast(key_group, query_group)  # (a, b, y, c, d)
+        zero = key_group * 0
+        r0, r1, r2, r3 = tl.philox(seed, query_group, key_group, zero + bh, zero, PHILOX_ROUNDS)
+        high = y == 1
+        keep = tl.join(tl.join(tl.where(high, r0, r0 << 16) >= thr,
+                               tl.where(high, r1, r1 << 16) >= thr),
+                       tl.join(tl.where(high, r2, r2 << 16) >= thr,
+                               tl.where(high, r3, r3 << 16) >= thr))  # (a, b, y, c, d, z, x)
+        keep = tl.permute(keep, (0, 6, 1, 2, 3, 5, 4))  # (a, x, b, y, c, z, d)
+        return tl.reshape(keep, (BLOCK_N, BLOCK_M))
+    else:
+        query_group = (c[:, None] * 8 + d[None, :])[:, :, None, None]  # (BLOCK_M // 16, 8, 1, 1)
+        key_group = (a[:, None] * 4 + b[None, :])[None, None, :, :]  # (1, 1, BLOCK_N // 16, 4)
+        query_group, key_group = tl.broadcast(query_group, key_group)  # (c, d, a, b)
+        zero = query_group * 0
+        r0, r1, r2, r3 = tl.philox(seed, query_group, key_group, zero + bh, zero, PHILOX_ROUNDS)
+        keep = tl.join(tl.join(_keep_halves(r0, thr), _keep_halves(r1, thr)),
+                       tl.join(_keep_halves(r2, thr), _keep_halves(r3, thr)))
+        # keep: (c, d, a, b, y, z, x)
+        keep = tl.permute(keep, (0, 5, 1, 2, 6, 3, 4))  # (c, z, d, a, x, b, y)
+        return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
 def _fwd_key_loop(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, S, qk_scale,
-    seed, bh, dropout_p,
-    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, lo, hi, S, qk_scale,
+    seed, bh, threshold,
+    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        valid = offs_n[None, :] < S  # (1, BLOCK_N)
+        col_ok = offs_n < S
+        row = tl.cast(start_n, tl.int64)
+        k_t = tl.load(k_ptrs + row * stride_kt, mask=col_ok[None, :], other=0.0)  # (D, BLOCK_N)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        valid = col_ok[None, :]
         if DIAGONAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])  # (BLOCK_M, BLOCK_N)
-        k_t = tl.load(k_ptrs + start_n * stride_kt, mask=offs_n[None, :] < S, other=0.0)  # (D, N)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=offs_n[:, None] < S, other=0.0)  # (N, D)
+        if DROPOUT:  # 1 / (1 - p_drop) is applied once, to the output
+            p = tl.where(_dropout_keep(seed, bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N),
+                         p, 0.0)
+        v = tl.load(v_ptrs + row * stride_vt, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -93,20 +160,19 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
-    H, T, S, qk_scale, dropout_p,
+    H, T, S, qk_scale, keep_scale, threshold,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(_tile(Q, b, h, stride_qb, stride_qh, offs_m, stride_qt, offs_d, stride_qd),
+    q = tl.load(_tile(_head(Q, bh, H, stride_qb, stride_qh), offs_m, stride_qt, offs_d, stride_qd),
                 mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
-    k_ptrs = _tile(K, b, h, stride_kb, stride_kh, offs_d, stride_kd, offs_n, stride_kt)  # (D, N)
-    v_ptrs = _tile(V, b, h, stride_vb, stride_vh, offs_n, stride_vt, offs_d, stride_vd)  # (N, D)
+    k_ptrs = _tile(_head(K, bh, H, stride_kb, stride_kh), offs_d, stride_kd, offs_n, stride_kt)
+    v_ptrs = _tile(_head(V, bh, H, stride_vb, stride_vh), offs_n, stride_vt, offs_d, stride_vd)
     seed = tl.load(Seed)  # unused without dropout
 
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
@@ -115,22 +181,22 @@ def _attn_fwd_kernel(
     if CAUSAL:
         # Key tiles left of this query tile are fully visible; the ones on its diagonal are masked.
         acc, l_i, m_i = _fwd_key_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, 0,
-            tl.minimum(start_m, S), S, qk_scale, seed, bh, dropout_p, False, DROPOUT, BLOCK_N,
-            PRECISION)
-        acc, l_i, m_i = _fwd_key_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, start_m,
-            tl.minimum(start_m + BLOCK_M, S), S, qk_scale, seed, bh, dropout_p, True, DROPOUT,
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, 0,
+            tl.minimum(start_m, S), S, qk_scale, seed, bh, threshold, False, DROPOUT, BLOCK_M,
             BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_key_loop(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, start_m,
+            tl.minimum(start_m + BLOCK_M, S), S, qk_scale, seed, bh, threshold, True, DROPOUT,
+            BLOCK_M, BLOCK_N, PRECISION)
     else:
         acc, l_i, m_i = _fwd_key_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, 0, S, S, qk_scale,
-            seed, bh, dropout_p, False, DROPOUT, BLOCK_N, PRECISION)
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, 0, S, S, qk_scale,
+            seed, bh, threshold, False, DROPOUT, BLOCK_M, BLOCK_N, PRECISION)
 
-    out = acc / l_i[:, None]
+    out = acc * (keep_scale / l_i)[:, None]  # keep_scale = 1 / (1 - p_drop)
     row_ok = offs_m < T
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
-    tl.store(_tile(O, b, h, stride_ob, stride_oh, offs_m, stride_ot, offs_d, stride_od),
+    tl.store(_tile(_head(O, bh, H, stride_ob, stride_oh), offs_m, stride_ot, offs_d, stride_od),
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -138,32 +204,35 @@ def _attn_fwd_kernel(
 def _attn_bwd_delta_kernel(
     O, DO, Delta,  # O, DO: (B, H, T, D); Delta: (B*H, T) fp32
     stride_ob, stride_oh, stride_ot, stride_od,
-    stride_db, stride_dh, stride_dt, stride_dd,
-    H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, T, keep_prob, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    """Delta = rowsum(dO * O) * (1 - p_drop): delta in the units of dP * keep."""
     bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    o = tl.load(_tile(O, b, h, stride_ob, stride_oh, offs_m, stride_ot, offs_d, stride_od),
+    o = tl.load(_tile(_head(O, bh, H, stride_ob, stride_oh), offs_m, stride_ot, offs_d, stride_od),
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(_tile(DO, b, h, stride_db, stride_dh, offs_m, stride_dt, offs_d, stride_dd),
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    do = tl.load(_tile(_head(DO, bh, H, stride_dob, stride_doh), offs_m, stride_dot, offs_d,
+                       stride_dod), mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1) * keep_prob, mask=row_ok)
 
 
 @triton.jit
 def _dkdv_query_loop(
-    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n, lo, hi, T, S,
-    qk_scale, seed, bh, dropout_p,
-    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, start_n, lo, hi, T,
+    S, qk_scale, seed, bh, threshold,
+    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         row_ok = offs_m < T
-        q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-        do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None], other=0.0)  # (M, D)
+        row = tl.cast(start_m, tl.int64)
+        q = tl.load(q_ptrs + row * stride_qt, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+        do = tl.load(do_ptrs + row * stride_dot, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
         lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -172,10 +241,11 @@ def _dkdv_query_loop(
             valid = valid & (offs_n[:, None] <= offs_m[None, :])
         p_t = tl.where(valid, tl.exp2(s_t - lse[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M): dO_i . v_j
-        if DROPOUT:
-            keep_t = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], dropout_p)
-            pz_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
-            dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+        if DROPOUT:  # dV's 1 / (1 - p_drop) is applied once, at the end
+            keep_t = _dropout_keep(seed, bh, start_m, start_n, threshold, BLOCK_M,
+                                   BLOCK_N, True)  # (BLOCK_N, BLOCK_M)
+            pz_t = tl.where(keep_t, p_t, 0.0)
+            dp_t = tl.where(keep_t, dp_t, 0.0)
         else:
             pz_t = p_t
         dv += tl.dot(pz_t.to(do.dtype), do, input_precision=PRECISION)
@@ -186,28 +256,29 @@ def _dkdv_query_loop(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV, Seed,  # DK, DV: like K, V (contiguous)
+    Q, K, V, DO, LSE, Delta, DK, DV, Seed,  # DK, DV: (B, H, S, D), both with strides stride_dk*
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
-    H, T, S, scale, qk_scale, dropout_p,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    H, T, S, scale, qk_scale, keep_scale, threshold,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n[:, None] < S
-    k = tl.load(_tile(K, b, h, stride_kb, stride_kh, offs_n, stride_kt, offs_d, stride_kd),
+    k = tl.load(_tile(_head(K, bh, H, stride_kb, stride_kh), offs_n, stride_kt, offs_d, stride_kd),
                 mask=col_ok, other=0.0)  # (BLOCK_N, D)
-    v = tl.load(_tile(V, b, h, stride_vb, stride_vh, offs_n, stride_vt, offs_d, stride_vd),
+    v = tl.load(_tile(_head(V, bh, H, stride_vb, stride_vh), offs_n, stride_vt, offs_d, stride_vd),
                 mask=col_ok, other=0.0)
-    q_ptrs = _tile(Q, b, h, stride_qb, stride_qh, offs_m, stride_qt, offs_d, stride_qd)
-    do_ptrs = _tile(DO, b, h, stride_dob, stride_doh, offs_m, stride_dot, offs_d, stride_dod)
+    q_ptrs = _tile(_head(Q, bh, H, stride_qb, stride_qh), offs_m, stride_qt, offs_d, stride_qd)
+    do_ptrs = _tile(_head(DO, bh, H, stride_dob, stride_doh), offs_m, stride_dot, offs_d,
+                    stride_dod)
     lse_ptr = LSE + bh.to(tl.int64) * T
     delta_ptr = Delta + bh.to(tl.int64) * T
     seed = tl.load(Seed)  # unused without dropout
@@ -218,36 +289,42 @@ def _attn_bwd_dkdv_kernel(
         # Queries before start_n see none of these keys; the next BLOCK_N straddle the diagonal.
         diag_end = tl.minimum(start_n + BLOCK_N, T)
         dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
-            start_n, diag_end, T, S, qk_scale, seed, bh, dropout_p, True, DROPOUT, BLOCK_M,
-            PRECISION)
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, start_n,
+            start_n, diag_end, T, S, qk_scale, seed, bh, threshold, True, DROPOUT,
+            BLOCK_M, BLOCK_N, PRECISION)
         dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
-            start_n + BLOCK_N, T, T, S, qk_scale, seed, bh, dropout_p, False,
-            DROPOUT, BLOCK_M, PRECISION)
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, start_n,
+            start_n + BLOCK_N, T, T, S, qk_scale, seed, bh, threshold, False, DROPOUT,
+            BLOCK_M, BLOCK_N, PRECISION)
     else:
         dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
-            0, T, T, S, qk_scale, seed, bh, dropout_p, False, DROPOUT, BLOCK_M, PRECISION)
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, start_n, 0,
+            T, T, S, qk_scale, seed, bh, threshold, False, DROPOUT, BLOCK_M, BLOCK_N,
+            PRECISION)
 
-    # DK and DV are allocated contiguous: (B, H, S, D).
-    out = bh.to(tl.int64) * S * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok)
+    if DROPOUT:
+        dv = dv * keep_scale
+    tl.store(_tile(_head(DK, bh, H, stride_dkb, stride_dkh), offs_n, stride_dkt, offs_d,
+                   stride_dkd), (dk * (scale * keep_scale)).to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(_tile(_head(DV, bh, H, stride_dkb, stride_dkh), offs_n, stride_dkt, offs_d,
+                   stride_dkd), dv.to(DV.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
 def _dq_key_loop(
-    dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, S, qk_scale,
-    seed, bh, dropout_p,
-    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, lo, hi, S, qk_scale,
+    seed, bh, threshold,
+    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     row_ok = lse > float("-inf")  # rows past T carry lse = -inf
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         col_ok = offs_n < S
-        k = tl.load(k_ptrs + start_n * stride_kt, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=col_ok[:, None], other=0.0)
+        row = tl.cast(start_n, tl.int64)
+        k = tl.load(k_ptrs + row * stride_kt, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+        v = tl.load(v_ptrs + row * stride_vt, mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         valid = row_ok[:, None] & col_ok[None, :]
         if DIAGONAL:
@@ -255,8 +332,8 @@ def _dq_key_loop(
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            keep = _dropout_keep(seed, bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
@@ -264,57 +341,60 @@ def _dq_key_loop(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ, Seed,  # DQ: like Q (contiguous)
+    Q, K, V, DO, LSE, Delta, DQ, Seed,  # DQ: (B, H, T, D), strides stride_dq*
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
-    H, T, S, scale, qk_scale, dropout_p,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, T, S, scale, qk_scale, keep_scale, threshold,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(_tile(Q, b, h, stride_qb, stride_qh, offs_m, stride_qt, offs_d, stride_qd),
+    q = tl.load(_tile(_head(Q, bh, H, stride_qb, stride_qh), offs_m, stride_qt, offs_d, stride_qd),
                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    do = tl.load(_tile(DO, b, h, stride_dob, stride_doh, offs_m, stride_dot, offs_d, stride_dod),
-                 mask=row_ok[:, None], other=0.0)
+    do = tl.load(_tile(_head(DO, bh, H, stride_dob, stride_doh), offs_m, stride_dot, offs_d,
+                       stride_dod), mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = _tile(K, b, h, stride_kb, stride_kh, offs_n, stride_kt, offs_d, stride_kd)
-    v_ptrs = _tile(V, b, h, stride_vb, stride_vh, offs_n, stride_vt, offs_d, stride_vd)
+    k_ptrs = _tile(_head(K, bh, H, stride_kb, stride_kh), offs_n, stride_kt, offs_d, stride_kd)
+    v_ptrs = _tile(_head(V, bh, H, stride_vb, stride_vh), offs_n, stride_vt, offs_d, stride_vd)
     seed = tl.load(Seed)  # unused without dropout
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     if CAUSAL:
-        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, 0,
-                          tl.minimum(start_m, S), S, qk_scale, seed, bh, dropout_p, False, DROPOUT,
-                          BLOCK_N, PRECISION)
-        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                          start_m, tl.minimum(start_m + BLOCK_M, S), S, qk_scale, seed, bh,
-                          dropout_p, True, DROPOUT, BLOCK_N, PRECISION)
+        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, 0,
+                          tl.minimum(start_m, S), S, qk_scale, seed, bh, threshold,
+                          False, DROPOUT, BLOCK_M, BLOCK_N, PRECISION)
+        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m,
+                          start_m, tl.minimum(start_m + BLOCK_M, S), S, qk_scale,
+                          seed, bh, threshold, True, DROPOUT, BLOCK_M, BLOCK_N, PRECISION)
     else:
-        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, 0,
-                          S, S, qk_scale, seed, bh, dropout_p, False, DROPOUT, BLOCK_N, PRECISION)
+        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, 0,
+                          S, S, qk_scale, seed, bh, threshold, False, DROPOUT,
+                          BLOCK_M, BLOCK_N, PRECISION)
 
-    out = bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(_tile(_head(DQ, bh, H, stride_dqb, stride_dqh), offs_m, stride_dqt, offs_d,
+                   stride_dqd), (dq * (scale * keep_scale)).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 @triton.jit
-def _dropout_mask_kernel(Mask, Seed, H, T, S, dropout_p,
+def _dropout_mask_kernel(Mask, Seed, T, S, threshold,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Mask: (B, H, T, S) uint8, the keep-mask the attention kernels use."""
     bh = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(Seed), bh, offs_m[:, None], offs_n[None, :], dropout_p)
-    ptrs = Mask + bh.to(tl.int64) * T * S + offs_m[:, None].to(tl.int64) * S + offs_n[None, :]
+    start_m, start_n = tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N
+    keep = _dropout_keep(tl.load(Seed), bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    ptrs = _tile(Mask + bh.to(tl.int64) * T * S, offs_m, S, offs_n, 1)
     tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < T) & (offs_n[None, :] < S))
 
 
@@ -327,35 +407,97 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
 
 
-def _fwd_config(D: int, dtype: torch.dtype) -> dict:
-    """Launch settings; the causal diagonal pass needs BLOCK_M % BLOCK_N == 0.
+def _launch(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
-    Chosen so that no kernel spills registers on sm_90 (see benchmarks/compile_check.py): 8 warps
-    share the 128-row fp32 accumulator. fp32 inputs use FMA matmuls and smaller tiles.
+
+# (forward, dK/dV, dQ) as (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp32 inputs (FMA matmuls,
+# operands held whole per thread: small tiles), head dims up to 64 or 128 (the key: D > 64).
+_FP32_SETTINGS = {False: ((64, 16, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
+                  True: ((16, 16, 4, 3), (16, 16, 4, 2), (16, 16, 4, 2))}
+
+
+def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict, dict]:
+    """(forward, dK/dV, dQ) launch settings for head dim D and `dtype` on `gpu`.
+
+    The diagonal passes need forward and dQ BLOCK_M % BLOCK_N == 0 and dK/dV
+    BLOCK_N % BLOCK_M == 0. benchmarks/compile_check.py compiles every setting for sm_80, 86, 89,
+    90 and 120: none spills registers, all fit the shared memory of their target. Only 16-bit
+    D = 128 differs between architectures: Hopper's warpgroup MMAs keep a 128 x 64 forward tile
+    in registers, mma.sync on Ampere and Ada does not, and consumer Blackwell (sm_120) needs
+    smaller tiles still. A device with less shared memory than any of those targets pipelines
+    two stages instead of three.
     """
+    if gpu.capability < MIN_CAPABILITY:
+        raise RuntimeError(f"the Triton attention needs compute capability 8.0 or newer, not "
+                           f"{gpu.capability // 10}.{gpu.capability % 10}")
     if dtype == torch.float32:
-        return dict(BLOCK_M=64 if D <= 64 else 32, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        settings = _FP32_SETTINGS[D > 64]
+    elif D <= 64:
+        settings = (128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)
+    elif gpu.capability >= 120:  # RTX 50xx
+        settings = (64, 32, 4, 3), (32, 32, 4, 3), (128, 16, 8, 3)
+    elif gpu.capability >= 90:  # H100, H200
+        settings = (128, 64, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3)
+    else:  # A100, RTX 30xx and 40xx, A10, L4
+        settings = (128, 32, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3)
+    if gpu.shared < min(SHARED_MEMORY[c] for c in SHARED_MEMORY if c >= MIN_CAPABILITY):
+        settings = tuple((m, n, warps, min(stages, 2)) for m, n, warps, stages in settings)
+    return tuple(_launch(*s) for s in settings)
 
 
-def _bwd_configs(D: int, dtype: torch.dtype) -> tuple[dict, dict]:
-    """(dK/dV kernel, dQ kernel) launch settings; the diagonal passes need BLOCK_N % BLOCK_M == 0
-    for dK/dV and BLOCK_M % BLOCK_N == 0 for dQ."""
-    if dtype == torch.float32:
-        return (dict(BLOCK_M=32, BLOCK_N=64 if D <= 64 else 32, num_warps=8, num_stages=2),
-                dict(BLOCK_M=64 if D <= 64 else 32, BLOCK_N=32, num_warps=8, num_stages=2))
-    return (dict(BLOCK_M=32, BLOCK_N=128 if D <= 64 else 64, num_warps=8, num_stages=3),
-            dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3))
+def _dropout_args(dropout_p: float) -> tuple[float, int]:
+    """(1 / (1 - p), the threshold a 16-bit slice must reach to keep its weight); p within
+    2**-17 of 1 still keeps one weight in 2**16."""
+    return 1.0 / (1.0 - dropout_p), min(round(dropout_p * 2**DROPOUT_BITS), 2**DROPOUT_BITS - 1)
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return tuple(t.stride())
-
-
-def _new_attention_output(q: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, D) view of a (B, T, H, D) buffer: merging heads afterwards needs no copy."""
+def _launch_forward(q, k, v, seed, causal: bool, dropout_p: float, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: o (B, H, T, D), a view of a (B, T, H, D) buffer so that merging
+    heads afterwards needs no copy, and lse (B, H, T) fp32."""
     B, H, T, D = q.shape
-    return _new_output((B, T, H, D), q.dtype, q.device).transpose(1, 2)
+    o = _new_output((B, T, H, D), q.dtype, q.device).transpose(1, 2)  # (B, H, T, D)
+    lse = _new_output((B, H, T), torch.float32, q.device)
+    settings, _, _ = launch_settings(D, q.dtype, target(q.device))
+    keep_scale, threshold = _dropout_args(dropout_p)
+    grid = (triton.cdiv(T, settings["BLOCK_M"]), B * H)
+    with on_device(q):
+        wrap_triton(_attn_fwd_kernel)[grid](
+            q, k, v, o, lse, seed, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            H, T, k.shape[2], scale * LOG2E, keep_scale, threshold,
+            CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=D, PRECISION=_precision(q.dtype),
+            **settings)
+    return o, lse
+
+
+def _launch_backward(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, scale: float,
+                     dq, dk, dv) -> None:
+    """Launch the backward kernels, writing dq, dk, dv (any strides; dk's equal dv's)."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    assert dk.stride() == dv.stride(), "the dK/dV kernel writes both through one set of strides"
+    _, dkdv, dq_settings = launch_settings(D, q.dtype, target(q.device))
+    keep_scale, threshold = _dropout_args(dropout_p)
+    delta = _new_output((B, H, T), torch.float32, q.device)
+    common = dict(CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=D, PRECISION=_precision(q.dtype))
+    inputs = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    scalars = (H, T, S, scale, scale * LOG2E, keep_scale, threshold)
+    with on_device(q):
+        wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(T, 64), B * H)](
+            o, do, delta, *o.stride(), *do.stride(), H, T, 1.0 - dropout_p, HEAD_DIM=D,
+            BLOCK_M=64)
+        wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(S, dkdv["BLOCK_N"]), B * H)](
+            q, k, v, do, lse, delta, dk, dv, seed, *inputs, *dk.stride(), *scalars, **common,
+            **dkdv)
+        wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(T, dq_settings["BLOCK_M"]), B * H)](
+            q, k, v, do, lse, delta, dq, seed, *inputs, *dq.stride(), *scalars, **common,
+            **dq_settings)
+
+
+def _unpack(qkv: torch.Tensor) -> list[torch.Tensor]:
+    """q, k, v: three (B, H, T, D) views of a (B, T, 3, H, D) projection."""
+    return [t.transpose(1, 2) for t in qkv.unbind(2)]  # 3 x (B, T, H, D) -> (B, H, T, D)
 
 
 @triton_op("tinygpt::attention_fwd", mutates_args=())
@@ -363,18 +505,7 @@ def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
     seed: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, T, D = q.shape
-    S = k.shape[2]
-    o = _new_attention_output(q)  # (B, H, T, D)
-    lse = _new_output((B, H, T), torch.float32, q.device)
-    cfg = _fwd_config(D, q.dtype)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
-    wrap_triton(_attn_fwd_kernel)[grid](
-        q, k, v, o, lse, seed, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, T, S, scale * LOG2E, dropout_p,
-        CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=D, PRECISION=_precision(q.dtype), **cfg,
-    )
-    return o, lse
+    return _launch_forward(q, k, v, seed, causal, dropout_p, scale)
 
 
 @triton_op("tinygpt::attention_bwd", mutates_args=())
@@ -382,23 +513,28 @@ def _attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     lse: torch.Tensor, causal: bool, dropout_p: float, seed: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, H, T, D = q.shape
-    S = k.shape[2]
-    delta = _new_output((B, H, T), torch.float32, q.device)
-    dq = _new_output((B, H, T, D), q.dtype, q.device)
-    dk = _new_output((B, H, S, D), k.dtype, k.device)
-    dv = _new_output((B, H, S, D), v.dtype, v.device)
-    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(T, 64), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=64)
-    dkdv_cfg, dq_cfg = _bwd_configs(D, q.dtype)
-    common = dict(CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=D, PRECISION=_precision(q.dtype))
-    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            H, T, S, scale, scale * LOG2E, dropout_p)
-    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(S, dkdv_cfg["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv, seed, *args, **common, **dkdv_cfg)
-    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(T, dq_cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, seed, *args, **common, **dq_cfg)
+    dq = _new_output(q.shape, q.dtype, q.device)  # (B, H, T, D)
+    dk = _new_output(k.shape, k.dtype, k.device)  # (B, H, S, D)
+    dv = _new_output(v.shape, v.dtype, v.device)
+    _launch_backward(do, q, k, v, o, lse, seed, causal, dropout_p, scale, dq, dk, dv)
     return dq, dk, dv
+
+
+@triton_op("tinygpt::attention_qkv_fwd", mutates_args=())
+def _attention_qkv_fwd(
+    qkv: torch.Tensor, causal: bool, dropout_p: float, seed: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(*_unpack(qkv), seed, causal, dropout_p, scale)
+
+
+@triton_op("tinygpt::attention_qkv_bwd", mutates_args=())
+def _attention_qkv_bwd(
+    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool,
+    dropout_p: float, seed: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    dqkv = _new_output(qkv.shape, qkv.dtype, qkv.device)  # (B, T, 3, H, D)
+    _launch_backward(do, *_unpack(qkv), o, lse, seed, causal, dropout_p, scale, *_unpack(dqkv))
+    return dqkv
 
 
 # Shapes only, for FakeTensor tracing (the Triton interpreter cannot run on fake tensors).
@@ -412,6 +548,18 @@ def _(q, k, v, causal, dropout_p, seed, scale):
 @_attention_bwd.register_fake
 def _(do, q, k, v, o, lse, causal, dropout_p, seed, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@_attention_qkv_fwd.register_fake
+def _(qkv, causal, dropout_p, seed, scale):
+    B, T, _, H, D = qkv.shape
+    return (qkv.new_empty((B, T, H, D)).transpose(1, 2),
+            qkv.new_empty((B, H, T), dtype=torch.float32))
+
+
+@_attention_qkv_bwd.register_fake
+def _(do, qkv, o, lse, causal, dropout_p, seed, scale):
+    return qkv.new_empty(qkv.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -428,7 +576,22 @@ def _backward(ctx, do, _dlse):
     return dq, dk, dv, None, None, None, None
 
 
+def _setup_context_packed(ctx, inputs, output):
+    qkv, causal, dropout_p, seed, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse, seed)
+    ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_packed(ctx, do, _dlse):
+    qkv, o, lse, seed = ctx.saved_tensors
+    dqkv = _attention_qkv_bwd(do, qkv, o, lse, ctx.causal, ctx.dropout_p, seed, ctx.scale)
+    return dqkv, None, None, None, None
+
+
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_qkv_fwd.register_autograd(_backward_packed, setup_context=_setup_context_packed)
 
 
 def _check_device(name: str, t: torch.Tensor) -> None:
@@ -467,9 +630,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) 
 
 
 def _seed_tensor(seed: int | None, device: torch.device) -> torch.Tensor:
-    if seed is None:  # from torch's generator for `device`: reproducible under torch.manual_seed
+    """The seed as a one-element int64 tensor on `device`, made by a kernel (no host copy, so
+    CUDA graphs capture it); drawn from torch's generator when None."""
+    if seed is None:
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-    return torch.tensor([seed], dtype=torch.int64, device=device)
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit in 64 bits (signed), got {seed}")
+    return torch.full((1,), seed, dtype=torch.int64, device=device)
+
+
+def _seed_and_scale(q: torch.Tensor, dropout_p: float, seed: int | None,
+                    scale: float | None) -> tuple[torch.Tensor, float]:
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if dropout_p > 0.0:
+        return _seed_tensor(seed, q.device), scale
+    return q.new_zeros((1,), dtype=torch.int64), scale  # the kernels take a seed pointer either way
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -483,12 +658,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     `attention_dropout_mask`. Returns (B, H, T, D) in q's dtype.
     """
     _check(q, k, v, dropout_p)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if dropout_p > 0.0:
-        seed_t = _seed_tensor(seed, q.device)
-    else:  # the kernels take a seed pointer either way
-        seed_t = q.new_zeros((1,), dtype=torch.int64)
+    seed_t, scale = _seed_and_scale(q, dropout_p, seed, scale)
     return _attention_fwd(q, k, v, bool(causal), float(dropout_p), seed_t, scale)[0]
+
+
+def attention_qkv(qkv: torch.Tensor, causal: bool = True, dropout_p: float = 0.0,
+                  seed: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """`attention` of the packed projection qkv: (B, T, 3, H, D), any strides -> (B, H, T, D).
+
+    The same result as attention(q, k, v) on the views qkv[:, :, i].transpose(1, 2), but the
+    backward writes the gradient of qkv as one (B, T, 3, H, D) tensor.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must have shape (B, T, 3, H, D), got {shape}")
+    q, k, v = _unpack(qkv)
+    _check(q, k, v, dropout_p)
+    seed_t, scale = _seed_and_scale(q, dropout_p, seed, scale)
+    return _attention_qkv_fwd(qkv, bool(causal), float(dropout_p), seed_t, scale)[0]
 
 
 def attention_dropout_mask(B: int, H: int, T: int, S: int, dropout_p: float, seed: int,
@@ -501,7 +688,7 @@ def attention_dropout_mask(B: int, H: int, T: int, S: int, dropout_p: float, see
     _check_device("device", probe)
     mask = torch.empty((B, H, T, S), dtype=torch.uint8, device=device)
     grid = (triton.cdiv(T, 64), triton.cdiv(S, 64), B * H)
-    _dropout_mask_kernel[grid](mask, _seed_tensor(seed, device), H, T, S, dropout_p,
-                               BLOCK_M=64, BLOCK_N=64)
+    with on_device(mask):
+        _dropout_mask_kernel[grid](mask, _seed_tensor(seed, device), T, S,
+                                   _dropout_args(dropout_p)[1], BLOCK_M=64, BLOCK_N=64)
     return mask.view(torch.bool)
-

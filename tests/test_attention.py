@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from tinygpt.kernels import attention, attention_dropout_mask
+from tinygpt.kernels import attention, attention_dropout_mask, attention_qkv
 from tinygpt.kernels.reference import attention_reference
 
 attention_module = importlib.import_module("tinygpt.kernels.attention")
@@ -112,23 +112,31 @@ def test_dropout_mask_depends_on_position_not_shape():
     assert torch.equal(small, large[:, :, :40, :50])
 
 
+def _assert_dropout_matches_its_mask(q, k, v, do, p, causal):
+    """Output and gradients with dropout p (fresh seed) against the reference given the mask
+    `attention_dropout_mask` returns for that seed."""
+    seed = torch.randint(0, 2**40, ()).item()
+    B, H, T, _ = q.shape
+    mask = attention_dropout_mask(B, H, T, k.shape[2], p, seed, device=DEVICE)
+
+    def reference(upcast=None):
+        return lambda q, k, v: attention_reference(q, k, v, causal=causal, dropout_p=p,
+                                                   dropout_mask=mask, upcast=upcast)
+
+    ours = _run(lambda q, k, v: attention(q, k, v, causal=causal, dropout_p=p, seed=seed),
+                q, k, v, do)
+    ref_lp = _run(reference(), q, k, v, do)
+    exact = _run(reference(torch.float64), q, k, v, do)
+    _assert_within_rule(ours, ref_lp, exact, q.dtype)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("T", [17, 97, 200])
 def test_dropout_matches_reference_with_its_mask(T, causal):
-    B, H, D, p = 2, 2, 32, 0.2
-    dtype = torch.float32
-    seed = torch.randint(0, 2**40, ()).item()
-    q, k, v = _qkv(B, H, T, T, D, dtype)
-    do = torch.randn(B, H, T, D, device=DEVICE, dtype=dtype)
-    mask = attention_dropout_mask(B, H, T, T, p, seed, device=DEVICE)
-    ours = _run(lambda q, k, v: attention(q, k, v, causal=causal, dropout_p=p, seed=seed),
-                q, k, v, do)
-    ref_lp = _run(lambda q, k, v: attention_reference(q, k, v, causal=causal, dropout_p=p,
-                                                      dropout_mask=mask), q, k, v, do)
-    exact = _run(lambda q, k, v: attention_reference(q, k, v, causal=causal, dropout_p=p,
-                                                     dropout_mask=mask, upcast=torch.float64),
-                 q, k, v, do)
-    _assert_within_rule(ours, ref_lp, exact, dtype)
+    B, H, D = 2, 2, 32
+    q, k, v = _qkv(B, H, T, T, D, torch.float32)
+    do = torch.randn(B, H, T, D, device=DEVICE)
+    _assert_dropout_matches_its_mask(q, k, v, do, 0.2, causal)
 
 
 def test_dropout_seeds():
@@ -208,3 +216,214 @@ def test_peak_memory_is_linear_in_sequence_length():
 
     small, large = peak(4096), peak(16384)
     assert large < 4 * small * 1.25  # 4x the tokens: linear growth, far below the 16x of T^2
+
+
+# --- dropout: one Philox draw decides eight weights --------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_dropout_decisions_are_independent(p):
+    """Neighbours share Philox draws (queries i, i+8 and keys j, j+1, j+8, j+9); their keep bits,
+    and those of other rows, heads, batches and seeds, must still be uncorrelated. Over 2**20
+    draws a correlation's standard error is ~0.001, so the bound 0.01 is ten of them. Philox cut
+    to 5 rounds fails here (keys j, j+2 correlate at 0.04); the kernels use 7."""
+    seed = torch.randint(0, 2**40, ()).item()
+    mask = attention_dropout_mask(2, 2, 512, 512, p, seed, device=DEVICE).float()
+    other = attention_dropout_mask(2, 2, 512, 512, p, seed + 1, device=DEVICE).float()
+
+    def corr(a, b):
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        return ((a * b).mean() / (a.std() * b.std())).item()
+
+    pairs = {
+        "key j, j+1 (same draw)": (mask[..., :-1], mask[..., 1:]),
+        "key j, j+8 (same draw)": (mask[..., :-8], mask[..., 8:]),
+        "key j, j+2 (next draw)": (mask[..., :-2], mask[..., 2:]),
+        "query i, i+8 (same draw)": (mask[:, :, :-8], mask[:, :, 8:]),
+        "query i, i+1": (mask[:, :, :-1], mask[:, :, 1:]),
+        "head 0, head 1": (mask[:, 0], mask[:, 1]),
+        "batch 0, batch 1": (mask[0], mask[1]),
+        "seed, seed + 1": (mask, other),
+        "(i, j), (j, i)": (mask, mask.transpose(-1, -2)),
+    }
+    for name, (a, b) in pairs.items():
+        assert abs(corr(a, b)) < 0.01, name
+    # each of the eight 16-bit slices of a draw keeps 1 - p of its weights
+    by_slice = mask.view(2, 2, 32, 2, 8, 32, 2, 4, 2).mean(dim=(0, 1, 2, 4, 5, 7))  # (z, x, y)
+    assert (by_slice - (1 - p)).abs().max() < 0.01
+
+
+def test_dropout_probability_is_exact_to_16_bits():
+    """The keep decision compares 16 random bits with round(p * 2**16): p = 1 - 2**-16 keeps
+    one weight in 2**16, and a p below 2**-17 drops nothing."""
+    assert not attention_dropout_mask(1, 1, 16, 16, 1e-6, seed=3, device=DEVICE).logical_not().any()
+    for p in (1 - 2**-16, 1 - 2**-18):  # the second rounds to 2**16: clamped, not wrapped to 0
+        mask = attention_dropout_mask(1, 4, 512, 512, p, seed=3, device=DEVICE)
+        assert 0 < mask.sum().item() < 60  # 2**20 draws at 2**-16: 16 expected
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_dropout_in_16_bit_tiles_matches_its_mask(causal):
+    """fp16 runs the large tiles (forward 128 x 64, dK/dV 32 x 128, dQ 128 x 32), so every
+    kernel regenerates the mask of several tiles, transposed in dK/dV."""
+    B, H, T, D = 1, 2, 150, 64
+    qkv = torch.randn(B, T, 3, H, D, device=DEVICE, dtype=torch.float16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
+    do = torch.randn(B, H, T, D, device=DEVICE, dtype=torch.float16)
+    _assert_dropout_matches_its_mask(q, k, v, do, 0.2, causal)
+
+
+# --- packed qkv ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_packed_qkv_equals_the_three_tensor_path(dropout_p):
+    """attention_qkv runs the same kernels on the same views, so the output and the gradient are
+    bitwise those of attention(q, k, v); the gradient arrives as one (B, T, 3, H, D) tensor."""
+    B, T, H, D = 2, 77, 3, 32
+    qkv = torch.randn(B, T, 3, H, D, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    split = qkv.detach().clone().requires_grad_(True)
+    do = torch.randn(B, H, T, D, device=DEVICE, dtype=torch.float16)
+    packed = attention_qkv(qkv, dropout_p=dropout_p, seed=11)
+    q, k, v = split.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
+    separate = attention(q, k, v, dropout_p=dropout_p, seed=11)
+    (packed * do).sum().backward()
+    (separate * do).sum().backward()
+    assert torch.equal(packed, separate)
+    assert qkv.grad.shape == (B, T, 3, H, D) and torch.isfinite(qkv.grad).all()
+    assert torch.equal(qkv.grad, split.grad)
+
+
+def test_packed_qkv_matches_the_reference():
+    B, T, H, D = 1, 93, 2, 64
+    qkv = torch.randn(B, T, 3, H, D, device=DEVICE, dtype=torch.float16)
+    do = torch.randn(B, H, T, D, device=DEVICE, dtype=torch.float16)
+
+    def packed(fn):
+        leaf = qkv.detach().clone().requires_grad_(True)
+        out = fn(leaf)
+        out.backward(do.to(out.dtype))
+        dq, dk, dv = leaf.grad.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
+        return [out.detach(), dq, dk, dv]
+
+    def split(fn):
+        return lambda qkv: fn(*qkv.permute(2, 0, 3, 1, 4).unbind(0))
+
+    ours = packed(lambda qkv: attention_qkv(qkv))
+    torch_lp = packed(split(lambda q, k, v: F.scaled_dot_product_attention(q, k, v,
+                                                                          is_causal=True)))
+    exact = packed(split(lambda q, k, v: attention_reference(q, k, v, upcast=torch.float64)))
+    _assert_within_rule(ours, torch_lp, exact, torch.float16)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 3, 16), (2, 8, 2, 1, 16)])
+def test_packed_qkv_shape_is_checked(shape):
+    with pytest.raises(ValueError, match=r"\(B, T, 3, H, D\)"):
+        attention_qkv(torch.randn(shape, device=DEVICE))
+
+
+def test_packed_op_passes_opcheck():
+    qkv = torch.randn(1, 37, 3, 2, 16, device=DEVICE, requires_grad=True)
+    seed = torch.tensor([5], device=DEVICE)
+    kwargs = {} if CUDA else {"test_utils": ("test_schema", "test_autograd_registration",
+                                             "test_faketensor")}
+    torch.library.opcheck(torch.ops.tinygpt.attention_qkv_fwd.default,
+                          (qkv, True, 0.0, seed, 0.25), **kwargs)
+
+
+# --- robustness ---------------------------------------------------------------------------------
+
+_OVERFLOW_SCRIPT = """
+import sys, torch
+from tinygpt.kernels import attention
+from tinygpt.kernels.reference import attention_reference
+device = sys.argv[1]
+T, D = 3, 16
+# Rows 2**30 + 16 elements apart: row 2 starts past 2**31, where 32-bit offsets wrap.
+q = torch.empty_strided((1, 1, T, D), (0, 0, 2**30 + 16, 1), dtype=torch.float16, device=device)
+values = torch.randn(1, 1, T, D, dtype=torch.float16, device=device)
+with torch.no_grad():
+    q.copy_(values)
+q.requires_grad_(True)
+k, v, do = (torch.randn(1, 1, T, D, dtype=torch.float16, device=device) for _ in range(3))
+out = attention(q, k, v)
+out.backward(do)
+exact = values.double().requires_grad_(True)
+ref = attention_reference(exact, k, v, upcast=torch.float64)
+ref.backward(do.double())
+print((out.double() - ref).abs().max().item(), (q.grad.double() - exact.grad).abs().max().item())
+"""
+
+
+def test_offsets_past_two_to_the_31_elements():
+    """A view whose rows lie more than 2**31 elements apart (4 GiB of address space, untouched):
+    32-bit offsets would read and write the wrong rows, or crash, so it runs in a child."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _OVERFLOW_SCRIPT, DEVICE], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out_err, grad_err = map(float, proc.stdout.split())
+    assert out_err < 2e-3 and grad_err < 2e-3
+
+
+def test_explicit_seed_is_checked():
+    q = torch.randn(1, 1, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="64 bits"):
+        attention(q, q, q, dropout_p=0.1, seed=2**64)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("seed", [7, None], ids=["explicit seed", "drawn seed"])
+def test_cuda_graph_captures_dropout(seed):
+    """A training step with dropout captured once and replayed: an explicit seed is filled on the
+    device (no host copy, which capture forbids) and replays exactly; a drawn seed comes from the
+    CUDA generator, which advances on every replay."""
+    qkv = torch.randn(4, 256, 3, 6, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(4, 6, 256, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        qkv.grad = None
+        out = attention_qkv(qkv, dropout_p=0.2, seed=seed)
+        out.backward(do)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    qkv.grad = None
+    with torch.cuda.graph(graph):
+        out = attention_qkv(qkv, dropout_p=0.2, seed=seed)
+        out.backward(do)
+    graph.replay()
+    first, first_grad = out.clone(), qkv.grad.clone()
+    graph.replay()
+    assert torch.isfinite(first).all() and torch.isfinite(first_grad).all()
+    if seed is None:
+        assert not torch.equal(out, first)
+    else:
+        assert torch.equal(out, first) and torch.equal(qkv.grad, first_grad)
+        eager = step()
+        assert torch.equal(eager, first) and torch.equal(qkv.grad, first_grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_device():
+    """With cuda:0 current, tensors on cuda:1 are computed on cuda:1."""
+    qkv1 = torch.randn(2, 64, 3, 2, 64, device="cuda:1", dtype=torch.bfloat16,
+                       requires_grad=True)
+    qkv0 = qkv1.detach().to("cuda:0").requires_grad_(True)
+    torch.cuda.set_device(0)
+    out1, out0 = attention_qkv(qkv1, seed=3, dropout_p=0.1), attention_qkv(qkv0, seed=3,
+                                                                          dropout_p=0.1)
+    out1.sum().backward()
+    out0.sum().backward()
+    assert out1.device == torch.device("cuda:1")
+    assert torch.equal(out1.cpu(), out0.cpu()) and torch.equal(qkv1.grad.cpu(), qkv0.grad.cpu())

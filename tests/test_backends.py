@@ -120,3 +120,17 @@ def test_compile_with_interpreted_triton_is_refused(tmp_path, small_text_file, m
     with pytest.raises(UserError, match="--compile with the triton backend needs CUDA"):
         train("cpu-baby", dict(device="cpu", backend="triton", compile=True, out_dir=str(tmp_path)),
               data=str(small_text_file))
+
+
+@pytest.mark.parametrize("backend,stacks", [("triton", False), ("torch", True)])
+def test_backward_writes_the_qkv_gradient_without_a_stack(backend, stacks):
+    """The fused backward writes the gradient of the (B, T, 3, H, D) projection in place; the
+    torch backend's three views are stacked back by autograd (which shows the check can fail)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(dropout=0.1), backend=backend).to(DEVICE)
+    idx = torch.randint(0, 37, (2, 29), device=DEVICE)
+    _, loss = model(idx, idx)
+    with torch.profiler.profile() as prof:
+        loss.backward()
+    names = {event.name for event in prof.events()}
+    assert ("aten::stack" in names) == stacks

@@ -102,9 +102,29 @@ def test_cached_generation_on_the_triton_backend():
     ref = model_for_generation(dtype=torch.float32).to(device)
     fused = model_for_generation(backend="triton", dtype=torch.float32).to(device)
     prompt = torch.randint(0, 13, (1, 4), device=device)
-    out = generate(fused, prompt, 30, temperature=0.0, cache="shift")  # greedy
+    # greedy, in fp32 on both backends: the same tokens
+    out = generate(fused, prompt, 30, temperature=0.0, cache="shift", amp=False)
     assert out.shape == (1, 34)
-    assert torch.equal(out, generate(ref, prompt, 30, temperature=0.0, cache="shift"))
+    assert torch.equal(out, generate(ref, prompt, 30, temperature=0.0, cache="shift", amp=False))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast is used on CUDA only")
+def test_generation_runs_attention_in_bf16_on_cuda(monkeypatch):
+    import tinygpt.ops
+
+    seen = []
+    attention = tinygpt.ops.attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(q.dtype)
+        return attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(tinygpt.ops, "attention", spy)
+    model = model_for_generation(backend="triton", dtype=torch.float32).to("cuda")
+    prompt = torch.randint(0, 13, (1, 4), device="cuda")
+    generate(model, prompt, 5, temperature=0.0, cache="shift")
+    assert seen and set(seen) == {torch.bfloat16}
 
 
 def test_sample_command_streams_exactly_the_generated_text(tmp_path, capsys):

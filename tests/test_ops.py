@@ -1,5 +1,7 @@
 """The two pure-PyTorch backends agree, forward and backward, and dispatch picks the right one."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,3 +103,26 @@ def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UserError, match="needs a CUDA device"):
         ops.resolve_backend("triton", "cpu")
+
+
+def test_gpus_before_ampere_use_the_torch_backend(monkeypatch):
+    """A Turing GPU (sm_75) has too little shared memory for the kernels' tiles and only
+    emulates bf16: `auto` picks torch and says why, `triton` is refused, autocast is fp16."""
+    gpu = importlib.import_module("tinygpt.kernels.gpu")
+    monkeypatch.delenv("TINYGPT_BACKEND", raising=False)
+    monkeypatch.setattr(gpu, "_cuda_target", lambda index: gpu.Target(75, 65536))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    ops._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match=r"Tesla T4\) has compute capability 7\.5.*torch backend"):
+        assert ops.resolve_backend("auto", "cuda:0") == "torch"
+    with pytest.raises(UserError, match="compute capability 7.5.*--backend torch"):
+        ops.resolve_backend("triton", "cuda:0")
+    assert ops.precision(torch.device("cuda:0")) == (torch.float16, "fp16 autocast + GradScaler")
+
+    monkeypatch.setattr(gpu, "_cuda_target", lambda index: gpu.Target(86, 101376))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert ops.resolve_backend("auto", "cuda:0") == "triton"
+    assert ops.resolve_backend("triton", "cuda:0") == "triton"
+    assert ops.precision(torch.device("cuda:0"))[0] == torch.bfloat16
+    assert ops.precision(torch.device("cpu")) == (None, "fp32")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import ops
 from .model import GPT, KVCache, LanguageModel
 
 CACHE_MODES = ("shift", "exact", "off")
@@ -48,8 +49,12 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, cache: str = "shift",
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Extend idx (B, T) by `max_new_tokens` sampled tokens; `on_token` sees each new (B, 1)."""
+             on_token: Callable[[torch.Tensor], None] | None = None, amp: bool = True
+             ) -> torch.Tensor:
+    """Extend idx (B, T) by `max_new_tokens` sampled tokens; `on_token` sees each new (B, 1).
+
+    With `amp`, the model runs under the autocast training uses on idx's device (bf16 on CUDA);
+    amp=False keeps the parameters' dtype throughout."""
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     block = model.config.block_size
@@ -67,12 +72,14 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int,
 
     if max_new_tokens == 0:
         return idx
-    logits = logits_for(idx, None)
-    for i in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        idx = torch.cat([idx, nxt], dim=1)  # (B, T+1)
-        if on_token is not None:
-            on_token(nxt)
-        if i + 1 < max_new_tokens:
-            logits = logits_for(idx, nxt)
+    amp_dtype = ops.precision(idx.device)[0] if amp else None
+    with torch.autocast(idx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = logits_for(idx, None)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)  # (B, T+1)
+            if on_token is not None:
+                on_token(nxt)
+            if i + 1 < max_new_tokens:
+                logits = logits_for(idx, nxt)
     return idx

@@ -71,13 +71,14 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         qkv = self.qkv(x).view(B, T, 3, H, D)  # (B, T, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D), strided views
-        causal = True
-        if cache is not None:
+        p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = ops.attention_qkv(qkv, dropout_p=p, backend=backend)  # (B, H, T, D)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D), strided views
             causal = cache.length == 0  # prefill is causal; a decode step sees the whole cache
             k, v = cache.append(layer, k, v)  # 2 x (B, H, S, D), S = cached + T
-        p = self.dropout if self.training else 0.0
-        y = ops.attention(q, k, v, dropout_p=p, backend=backend, causal=causal)  # (B, H, T, D)
+            y = ops.attention(q, k, v, dropout_p=p, backend=backend, causal=causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
 

@@ -4,14 +4,16 @@ Backends:
   reference  the explicit math in `tinygpt.kernels.reference` (the truth tests compare against);
   torch      PyTorch built-ins (`scaled_dot_product_attention`, `layer_norm`), for cpu and mps;
   triton     the fused kernels in `tinygpt.kernels`, for CUDA (or the CPU under TRITON_INTERPRET=1);
-  auto       triton on CUDA when triton imports, torch otherwise.
+  auto       triton on CUDA when triton imports and the GPU is Ampere (sm_80) or newer, torch
+             otherwise (saying why, once).
 
-`$TINYGPT_BACKEND` replaces `auto` with a fixed choice. Nothing else in tinygpt branches on the
-device or the backend.
+`$TINYGPT_BACKEND` replaces `auto` with a fixed choice. `precision` picks the autocast dtype for
+a device. Nothing else in tinygpt branches on the device or the backend.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt import kernels
+from tinygpt.kernels.gpu import unsupported_reason
 from tinygpt.kernels.reference import attention_reference, layer_norm_reference
 
 from .errors import UserError
@@ -41,7 +44,10 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
         if device.type != "cuda":
             return "torch"
         if (err := kernels.TRITON_IMPORT_ERROR) is not None:
-            warnings.warn(f"triton is not usable ({err}); falling back to the torch backend")
+            _warn_once(f"triton is not usable ({err}); falling back to the torch backend")
+            return "torch"
+        if (reason := unsupported_reason(device)) is not None:
+            _warn_once(f"{reason}; using the torch backend")
             return "torch"
         return "triton"
     if requested == "triton":
@@ -52,7 +58,24 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
             )
         if (err := kernels.TRITON_IMPORT_ERROR) is not None:
             raise UserError(f"backend 'triton' is not usable here: {err}")
+        if device.type == "cuda" and (reason := unsupported_reason(device)) is not None:
+            raise UserError(f"backend 'triton': {reason}; use --backend torch")
     return requested
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def precision(device: torch.device) -> tuple[torch.dtype | None, str]:
+    """Autocast dtype for `device` (None: full fp32) and how to describe it. bf16 needs sm_80;
+    older GPUs only emulate it, slowly, so they get fp16 (with a GradScaler in training)."""
+    if device.type != "cuda":
+        return None, "fp32"
+    if torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16, "bf16 autocast"
+    return torch.float16, "fp16 autocast + GradScaler"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
@@ -66,6 +89,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     if backend == "reference":
         return attention_reference(q, k, v, causal=causal, dropout_p=dropout_p)
     raise ValueError(f"backend must be resolved first, got {backend!r}")
+
+
+def attention_qkv(qkv: torch.Tensor, dropout_p: float, backend: str) -> torch.Tensor:
+    """Causal self-attention of the packed projection qkv: (B, T, 3, H, D) -> (B, H, T, D).
+    The triton backend writes the gradient of qkv in place, as one tensor."""
+    if backend == "triton":
+        return kernels.attention_qkv(qkv, causal=True, dropout_p=dropout_p)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D), strided views
+    return attention(q, k, v, dropout_p, backend)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

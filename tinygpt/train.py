@@ -50,15 +50,6 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
-def precision(device: torch.device) -> tuple[torch.dtype | None, str]:
-    """Autocast dtype for `device` (None: full fp32) and how to describe it."""
-    if device.type != "cuda":
-        return None, "fp32"
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, "bf16 autocast"
-    return torch.float16, "fp16 autocast + GradScaler"
-
-
 def lr_at(it: int, cfg: TrainConfig) -> float:
     """Linear warm-up to `lr`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
     if it < cfg.warmup_iters:
@@ -239,7 +230,7 @@ class _Run:
         if cfg.compile and backend == "triton" and device.type != "cuda":
             raise UserError("--compile with the triton backend needs CUDA: the Triton interpreter "
                             "cannot be traced")
-        self.amp_dtype, amp_words = precision(device)
+        self.amp_dtype, amp_words = ops.precision(device)
         # Micro-batch m of every step comes from data stream m; rank r owns a contiguous share of
         # the streams, so the global batch does not depend on the number of processes.
         per_rank = cfg.grad_accum // ctx.world_size
