@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .gpu import MIN_CAPABILITY, SHARED_MEMORY, Target, on_device, target
+from .gpu import LEAST_SHARED_MEMORY, MIN_CAPABILITY, Target, on_device, target
 
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_BATCH_HEADS = 65535  # B * H runs along the second launch-grid axis
@@ -411,12 +411,6 @@ def _launch(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
-# (forward, dK/dV, dQ) as (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp32 inputs (FMA matmuls,
-# operands held whole per thread: small tiles), head dims up to 64 or 128 (the key: D > 64).
-_FP32_SETTINGS = {False: ((64, 16, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
-                  True: ((16, 16, 4, 3), (16, 16, 4, 2), (16, 16, 4, 2))}
-
-
 def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict, dict]:
     """(forward, dK/dV, dQ) launch settings for head dim D and `dtype` on `gpu`.
 
@@ -425,14 +419,17 @@ def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict
     90 and 120: none spills registers, all fit the shared memory of their target. Only 16-bit
     D = 128 differs between architectures: Hopper's warpgroup MMAs keep a 128 x 64 forward tile
     in registers, mma.sync on Ampere and Ada does not, and consumer Blackwell (sm_120) needs
-    smaller tiles still. A device with less shared memory than any of those targets pipelines
-    two stages instead of three.
+    smaller tiles still. fp32 inputs use FMA matmuls, which hold whole operand rows per thread:
+    small tiles. A device with less shared memory than any of those targets pipelines two
+    stages instead of three. Each setting: (BLOCK_M, BLOCK_N, num_warps, num_stages).
     """
     if gpu.capability < MIN_CAPABILITY:
         raise RuntimeError(f"the Triton attention needs compute capability 8.0 or newer, not "
                            f"{gpu.capability // 10}.{gpu.capability % 10}")
-    if dtype == torch.float32:
-        settings = _FP32_SETTINGS[D > 64]
+    if dtype == torch.float32 and D <= 64:
+        settings = (64, 16, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)
+    elif dtype == torch.float32:
+        settings = (16, 16, 4, 3), (16, 16, 4, 2), (16, 16, 4, 2)
     elif D <= 64:
         settings = (128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)
     elif gpu.capability >= 120:  # RTX 50xx
@@ -441,7 +438,7 @@ def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict
         settings = (128, 64, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3)
     else:  # A100, RTX 30xx and 40xx, A10, L4
         settings = (128, 32, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3)
-    if gpu.shared < min(SHARED_MEMORY[c] for c in SHARED_MEMORY if c >= MIN_CAPABILITY):
+    if gpu.shared < LEAST_SHARED_MEMORY:
         settings = tuple((m, n, warps, min(stages, 2)) for m, n, warps, stages in settings)
     return tuple(_launch(*s) for s in settings)
 

@@ -16,6 +16,8 @@ MIN_CAPABILITY = 80  # Ampere: native bf16 tensor cores, and the shared memory t
 # guide, "Technical Specifications per Compute Capability").
 SHARED_MEMORY = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
                  100: 232448, 120: 101376}
+# The least of it among the supported targets: every launch setting fits in this much.
+LEAST_SHARED_MEMORY = min(v for c, v in SHARED_MEMORY.items() if c >= MIN_CAPABILITY)
 
 
 @dataclass(frozen=True)
