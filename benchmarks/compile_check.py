@@ -121,18 +121,39 @@ def attention_cases(quick: bool, arch: int):
 
 
 def layernorm_cases(quick: bool, arch: int):
-    widths = [384, 4096] if quick else [128, 384, 1024, 4096, 16384, 65536]
-    for N in widths:
+    """The LayerNorm kernels as the model launches them under bf16 autocast: the add+LayerNorm
+    (bf16 branch + fp32 residual -> fp32 residual, bf16 output) and the plain one (fp32 in, bf16
+    out), forward and backward, at one-tile widths and in column tiles (any wider N compiles
+    the same)."""
+    narrow = [384] if quick else [128, 384, 1024, layernorm.ROW_IN_REGISTERS]
+    tiled = layernorm.ROW_IN_REGISTERS + 1
+    for N, add in itertools.product([*narrow, tiled], [True] if quick else [True, False]):
         block_m, block_n, warps = layernorm._launch_config(N)
-        const = dict(HAS_W=True, HAS_B=True, BLOCK_M=block_m, BLOCK_N=block_n)
-        yield (f"layernorm fwd, bf16 N={N}", layernorm._layer_norm_fwd_kernel,
-               dict(X="*bf16", Y="*bf16", W="*bf16", B="*bf16", Mean="*fp32", Rstd="*fp32"),
-               ["stride_x", "stride_y", "M", "N"], ["eps"], const, dict(num_warps=warps))
-        const = dict(HAS_W=True, BLOCK_M=block_m, BLOCK_N=block_n)
-        yield (f"layernorm bwd, bf16 N={N}", layernorm._layer_norm_bwd_kernel,
-               dict(DY="*bf16", X="*bf16", W="*bf16", Mean="*fp32", Rstd="*fp32", DX="*bf16",
+        blocks = dict(TILED=N == tiled, BLOCK_M=block_m, BLOCK_N=block_n)
+        launch = dict(num_warps=warps)
+        width = f"N>{layernorm.ROW_IN_REGISTERS} (tiles of {block_n})" if N == tiled else f"N={N}"
+        name = "add+layernorm" if add else "layernorm"
+        yield (f"{name} fwd, {width}", layernorm._fwd_kernel,
+               dict(X="*bf16" if add else "*fp32", R="*fp32", H="*fp32", Y="*bf16", W="*fp32",
+                    B="*fp32", Mean="*fp32", Rstd="*fp32"),
+               ["stride_x", "stride_r", "stride_h", "stride_y", "M", "N"], ["eps"],
+               dict(HAS_R=add, HAS_W=True, HAS_B=True, **blocks), launch)
+        if N == tiled and add:
+            yield (f"layernorm bwd row sums, {width}", layernorm._bwd_row_sums_kernel,
+                   dict(DY="*bf16", H="*fp32", W="*fp32", Mean="*fp32", Rstd="*fp32",
+                        RowSums="*fp32"),
+                   ["stride_dy", "stride_h", "M", "N"], [],
+                   dict(HAS_W=True, BLOCK_M=block_m, BLOCK_N=block_n), launch)
+        yield (f"{name} bwd, {width}", layernorm._bwd_kernel,
+               dict(DY="*bf16", H="*fp32", DH="*fp32", W="*fp32", Mean="*fp32", Rstd="*fp32",
+                    RowSums="*fp32", DX="*bf16" if add else "*fp32", DR="*fp32",
                     DW_part="*fp32", DB_part="*fp32"),
-               ["stride_dy", "stride_x", "stride_dx", "M", "N"], [], const, dict(num_warps=warps))
+               ["stride_dy", "stride_h", "stride_dh", "stride_dx", "stride_dr", "M", "N"], [],
+               dict(HAS_DH=add, HAS_W=True, HAS_B=True, STORE_DR=add, **blocks), launch)
+    block_g, block_n = layernorm.SUM_BLOCK
+    yield ("layernorm dw/db sum", layernorm._sum_partials_kernel,
+           dict(DW_part="*fp32", DB_part="*fp32", DW="*fp32", DB="*fp32"), ["G", "N"], [],
+           dict(HAS_W=True, HAS_B=True, BLOCK_G=block_g, BLOCK_N=block_n), dict(num_warps=4))
 
 
 def cases(quick: bool, arch: int) -> list[tuple]:
@@ -173,7 +194,8 @@ def main() -> None:
                         choices=sorted(gpu.SHARED_MEMORY),
                         help="compute capabilities x10 (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
-                        help="the model's kernels only: bf16, causal, D 64 and 128, two LayerNorms")
+                        help="the model's kernels only: bf16, causal, D 64 and 128; "
+                             "add+LayerNorm at N=384 and in column tiles")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="kernels compiled in parallel (default: one per core)")
     parser.add_argument("--out", default="benchmarks/results")

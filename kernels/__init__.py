@@ -10,14 +10,14 @@ from .reference import attention_reference, layer_norm_reference
 TRITON_IMPORT_ERROR: str | None = None
 try:
     from .attention import attention, attention_dropout_mask, attention_qkv
-    from .layernorm import layer_norm
+    from .layernorm import add_layer_norm, layer_norm
 except ImportError as e:
     TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
     def _unavailable(*args, **kwargs):
         raise ImportError(f"the Triton kernels are unavailable ({TRITON_IMPORT_ERROR})")
 
-    attention = attention_dropout_mask = attention_qkv = layer_norm = _unavailable
+    attention = attention_dropout_mask = attention_qkv = layer_norm = add_layer_norm = _unavailable
 
-__all__ = ["attention", "attention_dropout_mask", "attention_qkv", "layer_norm",
+__all__ = ["attention", "attention_dropout_mask", "attention_qkv", "layer_norm", "add_layer_norm",
            "attention_reference", "layer_norm_reference", "TRITON_IMPORT_ERROR"]

@@ -39,6 +39,24 @@ def test_logits_and_every_gradient_match():
         torch.testing.assert_close(p_f.grad, p_s.grad, atol=2e-5, rtol=1e-3, msg=name)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast runs on CUDA only")
+def test_logits_and_every_gradient_match_under_bf16_autocast():
+    """The triton LayerNorms hand the next Linear bf16 directly; torch's hand it fp32, which the
+    Linear casts: the same numbers, so only bf16 matmul noise may separate the two."""
+    fast, slow = twin_models(tiny(n_embd=384, n_head=6))
+    idx, targets = torch.randint(0, 37, (2, 8, 29), device=DEVICE)
+    grads = {}
+    for name, model in (("triton", fast), ("torch", slow)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, loss = model(idx, targets)
+        loss.backward()
+        grads[name] = [logits.float()] + [p.grad for p in model.parameters()]
+    for g_f, g_s in zip(grads["triton"], grads["torch"]):
+        scale = g_s.abs().max().item()
+        assert (g_f - g_s).abs().max().item() <= 0.05 * scale
+
+
 def test_loss_curves_match_over_training():
     losses = {}
     for backend in ("triton", "torch"):

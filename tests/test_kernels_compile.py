@@ -38,8 +38,9 @@ def test_model_kernels_compile_for_every_target_without_spills(tmp_path):
     (report,) = tmp_path.glob("compile-sm80-86-89-90-*.md")
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
             for line in report.read_text().splitlines() if line.startswith("| sm_")]
-    # per target: 12 attention kernels (fwd, dK/dV, dQ at D 64 and 128, +- dropout), 4 LayerNorm
-    assert len(rows) == 16 * len(ARCHS)
+    # per target: 12 attention kernels (fwd, dK/dV, dQ at D 64 and 128, +- dropout); 6 LayerNorm
+    # (add+LayerNorm fwd and bwd at N=384 and in column tiles, the tiles' row sums, dw/db sum)
+    assert len(rows) == 18 * len(ARCHS)
     for (target, kernel, _launch, registers, spilled, shared, fits, instructions, ratio,
          before, before_ratio) in rows:
         name = f"{target} {kernel}"
@@ -47,7 +48,8 @@ def test_model_kernels_compile_for_every_target_without_spills(tmp_path):
         assert 0 < int(registers) <= 255 and int(instructions) > 0, name
         used, limit = map(int, shared.split(" / "))
         assert used <= limit == SHARED_MEMORY[int(target[3:])], name
-        assert bool(before) == (target == "sm_90"), name  # the baseline holds sm_90 only
+        if "attention" in kernel:  # the baseline holds sm_90's attention kernels
+            assert bool(before) == (target == "sm_90"), name
         if "dropout" in kernel:
             assert float(ratio.rstrip("x")) <= MAX_DROPOUT_COST, name
         if before and "dropout" in kernel:  # a Philox call per weight cost 1.9-3x

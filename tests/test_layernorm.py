@@ -1,15 +1,16 @@
-"""The Triton LayerNorm against the float64 reference, with PyTorch's own error as the yardstick.
+"""The Triton LayerNorm and add+LayerNorm against the float64 reference, with PyTorch's own error
+as the yardstick.
 
 Runs on CUDA when present, otherwise in Triton's interpreter on the CPU (see conftest.py).
-Rule: max |kernel - fp64 reference| <= 2 * max |F.layer_norm in the same dtype - fp64 reference|
-+ atol, for y, dx, dw and db.
+Rule: max |kernel - fp64 reference| <= 2 * max |PyTorch in the same dtypes - fp64 reference|
++ atol, for every output and every gradient.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tinygpt.kernels import layernorm
-from tinygpt.kernels.layernorm import MAX_N, layer_norm
+from tinygpt.kernels.layernorm import ROW_IN_REGISTERS, add_layer_norm, layer_norm
 from tinygpt.kernels.reference import layer_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -17,6 +18,7 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 AFFINE = {"weight+bias": (True, True), "weight": (True, False), "bias": (False, True),
           "none": (False, False)}
+WIDE = ROW_IN_REGISTERS + 809  # column tiles, the last one partial
 
 
 @pytest.fixture(autouse=True)
@@ -27,40 +29,51 @@ def poisoned_outputs(monkeypatch):
                                                                 device=device))
 
 
-def _inputs(shape, dtype, affine):
+def _params(N, dtype, affine):
     has_w, has_b = AFFINE[affine]
-    N = shape[-1]
-    x = torch.randn(shape, device=DEVICE) * 2.0 + 0.5
-    w = torch.randn(N, device=DEVICE) if has_w else None
-    b = torch.randn(N, device=DEVICE) if has_b else None
-    dy = torch.randn(shape, device=DEVICE)
-    return [t if t is None else t.to(dtype) for t in (x, w, b, dy)]
+    w = torch.randn(N, device=DEVICE).to(dtype) if has_w else None
+    b = torch.randn(N, device=DEVICE).to(dtype) if has_b else None
+    return w, b
 
 
-def _run(fn, x, w, b, dy):
-    """Output and gradients (dx, dw, db; None where there is no such input) of fn(x, w, b)."""
-    leaves = [t if t is None else t.detach().clone().requires_grad_(True) for t in (x, w, b)]
-    y = fn(*leaves)
-    y.backward(dy.to(y.dtype))
-    return [y.detach()] + [None if t is None else t.grad for t in leaves]
+def _inputs(shape, dtype, affine):
+    x = (torch.randn(shape, device=DEVICE) * 2.0 + 0.5).to(dtype)
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    return (x, *_params(shape[-1], dtype, affine), dy)
+
+
+def _run(fn, inputs, grads_out):
+    """Outputs of fn(*inputs) and the gradient of each input (None where an input is None),
+    after backpropagating grads_out through the outputs."""
+    leaves = [t if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads_out)])
+    return [o.detach() for o in outs] + [None if t is None else t.grad for t in leaves]
+
+
+def _assert_close_to_exact(names, ours, torch_lp, exact, atol):
+    for name, o, t, e in zip(names, ours, torch_lp, exact):
+        if e is None:
+            assert o is None, name
+            continue
+        assert o.dtype == t.dtype and o.shape == t.shape, f"{name}: {o.dtype} vs {t.dtype}"
+        assert torch.isfinite(o).all(), f"{name}: unwritten (NaN) or non-finite elements"
+        err = (o.double() - e).abs().max().item()
+        torch_err = (t.double() - e).abs().max().item()
+        tol = ATOL[atol[name]] * max(1.0, e.abs().max().item())
+        assert err <= 2 * torch_err + tol, f"{name}: error {err:.3g} vs torch {torch_err:.3g}"
 
 
 def _check_against_reference(shape, dtype, affine):
     x, w, b, dy = _inputs(shape, dtype, affine)
     N = shape[-1]
-    ours = _run(lambda x, w, b: layer_norm(x, w, b), x, w, b, dy)
-    torch_lp = _run(lambda x, w, b: F.layer_norm(x, (N,), w, b), x, w, b, dy)
-    exact = _run(lambda x, w, b: layer_norm_reference(x, w, b, upcast=torch.float64), x, w, b, dy)
-    for name, o, t, e in zip(("y", "dx", "dw", "db"), ours, torch_lp, exact):
-        if e is None:
-            assert o is None, name
-            continue
-        assert o.dtype == t.dtype and o.shape == t.shape, name
-        assert torch.isfinite(o).all(), f"{name}: unwritten (NaN) or non-finite elements"
-        err = (o.double() - e).abs().max().item()
-        torch_err = (t.double() - e).abs().max().item()
-        atol = ATOL[dtype] * max(1.0, e.abs().max().item())
-        assert err <= 2 * torch_err + atol, f"{name}: error {err:.3g} vs torch {torch_err:.3g}"
+    args = [(x, w, b), [dy]]
+    ours = _run(lambda x, w, b: layer_norm(x, w, b), *args)
+    torch_lp = _run(lambda x, w, b: F.layer_norm(x, (N,), w, b), *args)
+    exact = _run(lambda x, w, b: layer_norm_reference(x, w, b, upcast=torch.float64), *args)
+    names = ("y", "dx", "dw", "db")
+    _assert_close_to_exact(names, ours, torch_lp, exact, dict.fromkeys(names, dtype))
 
 
 @pytest.mark.parametrize("affine", list(AFFINE))
@@ -76,9 +89,74 @@ def test_many_rows(shape, dtype):
     _check_against_reference(shape, dtype, "weight+bias")
 
 
-@pytest.mark.parametrize("shape", [(1, MAX_N), (3, 40_000)])
-def test_widest_rows(shape):
+@pytest.mark.parametrize("shape", [(3, WIDE), (2, 40_000), (1, 100_003)])
+def test_rows_wider_than_the_registers(shape):
     _check_against_reference(shape, torch.float32, "weight+bias")
+
+
+def test_tiled_statistics_are_stable_far_from_zero():
+    """A large common offset must not swamp the variance (no E[x^2] - E[x]^2 cancellation)."""
+    x = torch.randn(2, WIDE, device=DEVICE) + 1000.0
+    expected = layer_norm_reference(x, None, None, upcast=torch.float64)
+    assert (layer_norm(x).double() - expected).abs().max().item() < 2e-3
+
+
+# Input pairs (x, residual) the model meets: fp32 without autocast; under autocast the branch
+# output is bf16 or fp16 and the residual stream fp32; and all-16-bit streams.
+PAIRS = {"fp32+fp32": (torch.float32, torch.float32), "bf16+fp32": (torch.bfloat16, torch.float32),
+         "fp16+fp32": (torch.float16, torch.float32), "fp16+fp16": (torch.float16, torch.float16)}
+OUT = {"same": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _check_add_against_reference(shape, pair, out, affine):
+    x_dtype, r_dtype = PAIRS[pair]
+    out_dtype = OUT[out]
+    h_dtype = torch.promote_types(x_dtype, r_dtype)
+    N = shape[-1]
+    x = (torch.randn(shape, device=DEVICE) * 2.0 + 0.5).to(x_dtype)
+    r = (torch.randn(shape, device=DEVICE) * 3.0 - 1.0).to(r_dtype)
+    w, b = _params(N, h_dtype, affine)
+    dy = torch.randn(shape, device=DEVICE).to(out_dtype or h_dtype)
+    dh = torch.randn(shape, device=DEVICE).to(h_dtype)  # from the residual stream's later uses
+
+    def unfused(x, r, w, b, ln):
+        h = x + r
+        return ln(h, w, b).to(out_dtype or h.dtype), h
+
+    args = [(x, r, w, b), [dy, dh]]
+    ours = _run(lambda x, r, w, b: add_layer_norm(x, r, w, b, out_dtype=out_dtype), *args)
+    torch_lp = _run(lambda *t: unfused(*t, lambda h, w, b: F.layer_norm(h, (N,), w, b)), *args)
+    exact = _run(lambda x, r, w, b: unfused(
+        *(t if t is None else t.double() for t in (x, r, w, b)), layer_norm_reference), *args)
+    exact = [e.double() if e is not None else None for e in exact]
+    names = ("y", "h", "dx", "dresidual", "dw", "db")
+    atol = dict(y=out_dtype or h_dtype, h=h_dtype, dx=x_dtype, dresidual=r_dtype, dw=h_dtype,
+                db=h_dtype)
+    _assert_close_to_exact(names, ours, torch_lp, exact, atol)
+
+
+@pytest.mark.parametrize("out", list(OUT))
+@pytest.mark.parametrize("pair", list(PAIRS))
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7, 129), (2, 5, 384), (2, WIDE)])
+def test_add_layer_norm(shape, pair, out):
+    _check_add_against_reference(shape, pair, out, "weight+bias")
+
+
+@pytest.mark.parametrize("affine", ["weight", "bias", "none"])
+def test_add_layer_norm_without_weight_or_bias(affine):
+    _check_add_against_reference((4, 3, 384), "bf16+fp32", "bf16", affine)
+
+
+def test_add_layer_norm_with_the_new_residual_unused():
+    """Only y feeds the loss (the final LayerNorm): the gradient into h is then absent."""
+    x, r = torch.randn(5, 33, device=DEVICE), torch.randn(5, 33, device=DEVICE)
+    x.requires_grad_()
+    y, _ = add_layer_norm(x, r)
+    (dx,) = torch.autograd.grad(y.square().sum(), x)
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = layer_norm_reference(x_ref + r.double(), None, None)
+    (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref)
+    torch.testing.assert_close(dx.double(), dx_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_non_contiguous_inputs():
@@ -88,12 +166,19 @@ def test_non_contiguous_inputs():
         assert not x.is_contiguous()
         expected = layer_norm_reference(x, w, b, upcast=torch.float64)
         torch.testing.assert_close(layer_norm(x, w, b).double(), expected, atol=1e-5, rtol=1e-5)
+        r = torch.randn(x.shape, device=DEVICE).mT.contiguous().mT  # columns contiguous
+        y, h = add_layer_norm(x, r, w, b)
+        torch.testing.assert_close(h, x + r)
+        expected = layer_norm_reference(x + r, w, b, upcast=torch.float64)
+        torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_backward_is_deterministic():
-    x, w, b, dy = _inputs((513, 257), torch.float32, "weight+bias")
-    first = _run(layer_norm, x, w, b, dy)
-    second = _run(layer_norm, x, w, b, dy)
+@pytest.mark.parametrize("N", [257, WIDE])
+def test_backward_is_deterministic(N):
+    x, w, b, dy = _inputs((513, N), torch.float32, "weight+bias")
+    r = torch.randn_like(x)
+    first = _run(add_layer_norm, (x, r, w, b), [dy, dy])
+    second = _run(add_layer_norm, (x, r, w, b), [dy, dy])
     for a, c in zip(first, second):
         assert torch.equal(a, c)
 
@@ -106,8 +191,8 @@ def test_eps_is_used():
 @pytest.mark.parametrize(
     "make,error,match",
     [
-        (lambda: (torch.randn(2, MAX_N + 1), None, None), ValueError, "last dimension"),
-        (lambda: (torch.randn(2, 0), None, None), ValueError, "last dimension"),
+        (lambda: (torch.randn(2, 0), None, None), ValueError, "x is empty"),
+        (lambda: (torch.randn(0, 8), None, None), ValueError, "x is empty"),
         (lambda: (torch.randn(3, 8), torch.randn(7), None), ValueError, "weight must have shape"),
         (lambda: (torch.randn(3, 8), None, torch.randn(8, 1)), ValueError, "bias must have shape"),
         (lambda: (torch.randint(0, 5, (3, 8)), None, None), TypeError, "x must be float16"),
@@ -122,25 +207,64 @@ def test_misuse_is_named(make, error, match):
         layer_norm(x, w, b)
 
 
+@pytest.mark.parametrize(
+    "residual,kwargs,error,match",
+    [
+        (torch.randn(3, 9), {}, ValueError, "residual has shape"),
+        (torch.randn(3, 8, dtype=torch.float64), {}, TypeError, "residual must be a float16"),
+        (torch.randn(3, 8), {"out_dtype": torch.int8}, TypeError, "out_dtype must be"),
+    ],
+)
+def test_add_misuse_is_named(residual, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        add_layer_norm(torch.randn(3, 8, device=DEVICE), residual.to(DEVICE), **kwargs)
+
+
 def test_cpu_tensor_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         layer_norm(torch.randn(2, 8))
 
 
-def test_registered_op_passes_opcheck():
-    x, w, b, _ = _inputs((5, 33), torch.float32, "weight+bias")
-    args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5)
+def _opcheck(op, args):
     # The interpreter reads real memory, so AOT tracing through the kernel needs CUDA.
     utils = None if DEVICE == "cuda" else ("test_schema", "test_autograd_registration",
                                            "test_faketensor")
     kwargs = {} if utils is None else {"test_utils": utils}
-    torch.library.opcheck(torch.ops.tinygpt.layer_norm_fwd.default, args, **kwargs)
+    torch.library.opcheck(op, args, **kwargs)
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+def test_registered_ops_pass_opcheck(out_dtype):
+    x, w, b, _ = _inputs((5, 33), torch.float32, "weight+bias")
+    r = torch.randn_like(x)
+    w, b = w.requires_grad_(), b.requires_grad_()
+    _opcheck(torch.ops.tinygpt.layer_norm_fwd.default,
+             (x.clone().requires_grad_(), w, b, 1e-5, out_dtype))
+    _opcheck(torch.ops.tinygpt.add_layer_norm_fwd.default,
+             (x.clone().requires_grad_(), r.requires_grad_(), w, b, 1e-5, out_dtype))
+
+
+def test_backward_op_passes_opcheck():
+    x, w, b, dy = _inputs((5, 33), torch.float32, "weight+bias")
+    mean, rstd = x.mean(-1), x.var(-1, correction=0).add(1e-5).rsqrt()
+    dx, dr = torch.empty_like(x), torch.empty_like(x, dtype=torch.bfloat16)
+    dw, db = torch.empty_like(w), torch.empty_like(b)
+    _opcheck(torch.ops.tinygpt.layer_norm_bwd.default,
+             (dy, x, torch.randn_like(x), w, mean, rstd, dx, dr, dw, db))
 
 
 def test_torch_compile_traces_without_graph_break():
     x, w, b, _ = _inputs((5, 33), torch.float32, "weight+bias")
+    r = torch.randn_like(x)
     backend = "inductor" if DEVICE == "cuda" else "eager"  # dynamo only, on the CPU
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x: layer_norm(x, w, b), backend=backend, fullgraph=True)
-    torch.testing.assert_close(compiled(x), layer_norm_reference(x, w, b), atol=1e-5, rtol=1e-5)
+
+    def block(x, r):
+        y, h = add_layer_norm(x, r, w, b, out_dtype=torch.float16)
+        return layer_norm(y.float() + h, w, b)
+
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    h = x + r
+    expected = layer_norm_reference(layer_norm_reference(h, w, b).half().float() + h, w, b)
+    torch.testing.assert_close(compiled(x, r), expected, atol=1e-3, rtol=1e-3)

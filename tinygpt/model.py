@@ -45,7 +45,8 @@ class BigramLanguageModel(LanguageModel):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (nanoGPT's `bias=False`), run by the chosen backend."""
+    """LayerNorm with an optional bias (nanoGPT's `bias=False`), run by the chosen backend,
+    after adding a branch's output to the residual stream (see `forward`)."""
 
     def __init__(self, n: int, bias: bool, eps: float = 1e-5):
         super().__init__()
@@ -53,8 +54,10 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, backend)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LayerNorm(h), h) with the residual stream h = x + residual (h = x without one)."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, backend)
 
 
 class CausalSelfAttention(nn.Module):
@@ -95,7 +98,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)).
+
+    Each residual add is done by the LayerNorm that follows it, so a block takes the residual
+    stream and the previous branch's output not yet added to it, and returns the same pair.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -104,10 +111,14 @@ class Block(nn.Module):
         self.ln2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, backend: str, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x, backend), backend, cache, layer)
-        return x + self.mlp(self.ln2(x, backend))
+    def forward(self, branch: torch.Tensor, residual: torch.Tensor | None, backend: str,
+                cache: KVCache | None = None, layer: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual stream before it); both (B, T, C). `residual` is None in the
+        first block, whose `branch` is the embeddings."""
+        x, residual = self.ln1(branch, residual, backend)
+        x, residual = self.ln2(self.attn(x, backend, cache, layer), residual, backend)
+        return self.mlp(x), residual
 
 
 class GPT(LanguageModel):
@@ -156,12 +167,14 @@ class GPT(LanguageModel):
             raise ValueError(
                 f"positions up to {start + T} exceed block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        branch = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        residual = None
         for layer, block in enumerate(self.blocks):
-            x = block(x, self.backend, cache, layer)
+            branch, residual = block(branch, residual, self.backend, cache, layer)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.ln_f(x, self.backend))  # (B, T, V)
+        x, _ = self.ln_f(branch, residual, self.backend)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, V)
         return logits, self.loss(logits, targets)
 
 

@@ -100,13 +100,24 @@ def attention_qkv(qkv: torch.Tensor, dropout_p: float, backend: str) -> torch.Te
     return attention(q, k, v, dropout_p, backend)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               eps: float, backend: str) -> torch.Tensor:
-    """LayerNorm over the last dimension of x: (..., N)."""
-    if backend == "torch":
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float, backend: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(h), h) with h = x + residual (h = x without one), over the last dimension of
+    x: (..., N). The pre-norm block's residual add and the LayerNorm after it.
+
+    The triton backend fuses the two and, under autocast, writes LayerNorm(h) in the autocast
+    dtype, which the next Linear would cast it to anyway; the others run the plain math.
+    """
     if backend == "triton":
-        return kernels.layer_norm(x, weight, bias, eps)
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if residual is None:
+            return kernels.layer_norm(x, weight, bias, eps, out_dtype=out_dtype), x
+        return kernels.add_layer_norm(x, residual, weight, bias, eps, out_dtype=out_dtype)
+    h = x if residual is None else x + residual
+    if backend == "torch":
+        return F.layer_norm(h, h.shape[-1:], weight, bias, eps), h
     if backend == "reference":
-        return layer_norm_reference(x, weight, bias, eps)
+        return layer_norm_reference(h, weight, bias, eps), h
     raise ValueError(f"backend must be resolved first, got {backend!r}")
