@@ -1,6 +1,6 @@
 """Generation speed: characters per second with the key/value cache (shift and exact) and without.
 
-    python -m benchmarks.bench_generate [--lengths 500 1000 2000] [--out DIR]
+    python -m benchmarks.bench_generate [--lengths 500 1000 2000] [--quick] [--out DIR]
     python -m pytest benchmarks/bench_generate.py --benchmark-enable
 
 Models are freshly initialised at the cpu-baby and shakespeare-char sizes (speed does not depend
@@ -57,8 +57,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[500, 1000, 2000])
     parser.add_argument("--presets", nargs="+", default=["cpu-baby", "shakespeare-char"])
+    parser.add_argument("--quick", action="store_true",
+                        help="100 characters from the cpu-baby model: checks that it runs")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.presets = [100], ["cpu-baby"]
     rows = []
     for preset in args.presets:
         model = make_model(preset)

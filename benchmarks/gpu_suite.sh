@@ -4,9 +4,11 @@
 #
 #   OUT=/somewhere DATA=path/to/tinyshakespeare.txt bash benchmarks/gpu_suite.sh [STAGE...]
 #
-# STAGE: all (default), tests, kernels, train, quality, ddp, tune, generate, pytest-bench; run stages
-# alone to fit a time limit per call. Tables and logs are written under $WORK and packed into
-# $OUT/gpu_suite-STAGES.tgz (one file: the device tool returns few files), with summary.txt
+# STAGE: all (default), tests, kernels (= layernorm + attention), layernorm, attention, train,
+# quality, ddp, tune, generate, pytest-bench; run stages alone to fit a time limit per call
+# (layernorm and attention each take minutes: every compiled competitor compiles per shape).
+# Tables, their gathered report (report-cuda-DATE.md) and logs are written under $WORK and packed
+# into $OUT/gpu_suite-STAGES.tgz (one file: the device tool returns few files), with summary.txt
 # beside it. DATA defaults to the first tiny Shakespeare copy found in shared/data, ../shared/data
 # or .data. A failing stage is reported and the next one still runs; the exit status says if any
 # failed. Copy the tables you keep into benchmarks/results/.
@@ -28,9 +30,11 @@ if [ -z "${DATA:-}" ]; then
     done
 fi
 
-wants() {  # wants STAGE: was it asked for?
-    local s
-    for s in "${stages[@]}"; do [ "$s" = all ] || [ "$s" = "$1" ] && return 0; done
+wants() {  # wants STAGE [ALIAS...]: was it, or a stage that includes it, asked for?
+    local s name
+    for s in "${stages[@]}"; do
+        for name in all "$@"; do [ "$s" = "$name" ] && return 0; done
+    done
     return 1
 }
 
@@ -56,8 +60,8 @@ data_args=()
 [ -n "${DATA:-}" ] && data_args=(--data "$DATA")
 
 wants tests && run tests $PY -m pytest tests -q -p no:cacheprovider
-wants kernels && run bench_layernorm $PY -m benchmarks.bench_layernorm --out "$RESULTS"
-wants kernels && run bench_attention $PY -m benchmarks.bench_attention --out "$RESULTS"
+wants layernorm kernels && run bench_layernorm $PY -m benchmarks.bench_layernorm --out "$RESULTS"
+wants attention kernels && run bench_attention $PY -m benchmarks.bench_attention --out "$RESULTS"
 wants train && run bench_train $PY -m benchmarks.bench_train --out "$RESULTS"
 wants quality && run bench_quality $PY -m benchmarks.bench_quality --preset shakespeare-char \
     --target 1.47 --set eval_iters 50 "${data_args[@]}" --out "$RESULTS"
@@ -69,6 +73,9 @@ wants generate && run bench_generate $PY -m benchmarks.bench_generate --out "$RE
 wants pytest-bench && run pytest_benchmarks $PY -m pytest benchmarks -q -p no:cacheprovider \
     --benchmark-enable --benchmark-json "$RESULTS/pytest-benchmark-cuda.json"
 
+if compgen -G "$RESULTS/*.json" > /dev/null; then
+    $PY -m benchmarks.report "$RESULTS" "gpu_suite.sh stages: ${stages[*]}" 2>&1 | tail -1
+fi
 rm -rf "$WORK/ddp"
 tar -czf "$OUT/gpu_suite-$tag.tgz" -C "$WORK" .
 cp "$WORK/summary.txt" "$OUT/summary.txt"

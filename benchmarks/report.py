@@ -1,8 +1,13 @@
-"""Shared pieces of the benchmark scripts: the environment block and the markdown report."""
+"""Shared pieces of the benchmark scripts: the environment block, the two timings (back-to-back
+as in training, and L2-flushed), skipped cells, the markdown/JSON results and the gathered
+report."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import gc
+import json
 import platform
 import shlex
 import statistics
@@ -67,8 +72,12 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: list[list[str]],
-                 env: dict[str, str], notes: str = "") -> Path:
-    """Print the table and write it, with the environment, to OUT_DIR/NAME-DEVICE-DATE.md."""
+                 env: dict[str, str], notes: str = "",
+                 providers: dict[str, str | None] | None = None) -> Path:
+    """Print the table and write it, with the environment and what was compared, to
+    OUT_DIR/NAME-DEVICE-DATE.md, plus the same content as .json for `tinygpt bench` to gather.
+
+    providers: name -> None when it ran here, or the reason it could not."""
     table = markdown_table(headers, rows)
     print(table)
     device_tag = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,9 +85,35 @@ def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: 
     path = Path(out_dir) / f"{name}-{device_tag}-{day}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     env_lines = "\n".join(f"- {k}: `{v}`" for k, v in env.items())
-    path.write_text(f"# {title}\n\n{env_lines}\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
+    compared = ""
+    if providers:
+        compared = "\nCompared:\n" + "\n".join(
+            f"- {n}: " + ("timed" if why is None else f"not timed here: {why}")
+            for n, why in providers.items()) + "\n"
+    path.write_text(f"# {title}\n\n{env_lines}\n{compared}\n{table}\n"
+                    + (f"\n{notes}\n" if notes else ""))
+    path.with_suffix(".json").write_text(json.dumps(
+        dict(title=title, env=env, providers=providers or {}, headers=headers,
+             rows=[[str(c) for c in row] for row in rows], notes=notes), indent=1))
     print(f"wrote {path}")
     return path
+
+
+def skip_reason(error: BaseException) -> str:
+    """One line saying why a provider could not run a case (out of memory, unsupported, ...)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory" + (f" ({text[:100]})" if text else "")
+    return f"{type(error).__name__}: {text[:120]}"
+
+
+def release_memory() -> None:
+    """Return cached blocks after a case, so that one provider's leftovers do not starve the
+    next (or make an out-of-memory error stick)."""
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
 
 
 def synchronized(step, grad_to_none=None):
@@ -93,24 +128,97 @@ def synchronized(step, grad_to_none=None):
     return run
 
 
-def median_ms(fn, grad_to_none=None) -> float:
-    """Median wall time of fn() in milliseconds: triton's do_bench on CUDA (L2 flushed between
-    runs, gradients reset), a warmed-up perf_counter loop of at least 0.3 s elsewhere."""
-    if CUDA:
-        import triton.testing
+@dataclasses.dataclass
+class Timing:
+    """Milliseconds per call two ways. back_to_back: calls issued one after another with no
+    cache flush, timed around the whole run (CUDA events on a GPU): what a training loop sees,
+    launch overhead included. flushed: triton's do_bench median, L2 cleared before each call
+    (kernel time alone); None on the CPU, which has no such mode."""
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
-                                       return_mode="median")
-    for _ in range(2):
+    back_to_back: float
+    flushed: float | None = None
+
+
+def time_ms(fn, grad_to_none=None) -> Timing:
+    """Both timings of fn(), warmed up first (JIT compilation and autotuning excluded)."""
+    return Timing(back_to_back_ms(fn, grad_to_none), flushed_ms(fn, grad_to_none))
+
+
+def flushed_ms(fn, grad_to_none=None) -> float | None:
+    """triton's do_bench median, L2 cleared before each call; None without CUDA."""
+    if not CUDA:
+        return None
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                   return_mode="median")
+
+
+def back_to_back_ms(fn, grad_to_none=None, budget_ms: float = 300.0, repeats: int = 5,
+                    calls: int | None = None, warmup: int = 2) -> float:
+    """Median over `repeats` runs of the mean time per call of N back-to-back calls of fn(), N
+    given by `calls` or chosen so that all runs take about budget_ms. Gradients are reset
+    between calls (as `zero_grad(set_to_none=True)` does in training), inside the timed loop."""
+    def call():
         fn()
-    times, start = [], time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - start < 0.3:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
         for t in grad_to_none or ():
             t.grad = None
-    return 1000 * statistics.median(times)
+
+    def elapsed_ms(n: int) -> float:
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                call()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call()
+        return 1000 * (time.perf_counter() - t0)
+
+    for _ in range(warmup):
+        call()
+    if CUDA:
+        torch.cuda.synchronize()
+    n = calls or max(1, int(budget_ms / repeats / max(elapsed_ms(1), 1e-3)))
+    return statistics.median(elapsed_ms(n) / n for _ in range(repeats))
+
+
+def peak_mib(step, grad_to_none=None) -> float | None:
+    """Memory one call of step() allocates beyond what is live before it (inputs, parameters),
+    with gradients from earlier calls freed first; None on the CPU."""
+    if not CUDA:
+        return None
+    for t in grad_to_none or ():
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for t in grad_to_none or ():
+        t.grad = None
+    return peak / 2**20
+
+
+def median_ms(fn, grad_to_none=None) -> float:
+    """The one time a bandwidth ceiling or a tuning sweep quotes: flushed on CUDA, back-to-back
+    elsewhere."""
+    flushed = flushed_ms(fn, grad_to_none)
+    return flushed if flushed is not None else back_to_back_ms(fn, grad_to_none)
+
+
+def ratio(best: Timing | None, row: Timing) -> str:
+    """best / row, back-to-back, with the flushed ratio beside it where both have one."""
+    if best is None:
+        return ""
+    text = f"{best.back_to_back / row.back_to_back:.2f}x"
+    if best.flushed is not None and row.flushed is not None:
+        text += f" (flushed {best.flushed / row.flushed:.2f}x)"
+    return text
 
 
 def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
@@ -124,7 +232,10 @@ def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
 
 
 def plot(path: Path, title: str, x_label: str, y_label: str, series: dict[str, list[tuple]]):
-    """A PNG line plot, one line per provider; skipped (with a note) without matplotlib."""
+    """A PNG line plot, one line per provider; skipped (with a note) without matplotlib or
+    without points."""
+    if not series:
+        return None
     try:
         import matplotlib
 
@@ -146,3 +257,65 @@ def plot(path: Path, title: str, x_label: str, y_label: str, series: dict[str, l
     plt.close(fig)
     print(f"wrote {path}")
     return path
+
+
+def gather(results: list[Path], out_dir: Path, heading: str, failures: list[str]) -> Path:
+    """One report, OUT_DIR/report-DEVICE-DATE.md, from the .json results of one benchmark run:
+    the environment, what each benchmark compared (and why anything was not timed), every goal
+    with its verdict, then each table with its plot."""
+    parts = [json.loads(p.read_text()) | {"stem": p.stem} for p in results]
+    env = parts[0]["env"]
+    device_tag = "cuda" if torch.cuda.is_available() else "cpu"
+    path = out_dir / f"report-{device_tag}-{env['date'][:10]}.md"
+    lines = [f"# tinygpt benchmark report: {env['device']}, {env['date']}", "",
+             *(f"- {k}: `{v}`" for k, v in env.items() if k not in ("date", "command")),
+             *([f"- {heading}"] if heading else [])]
+    if failures:
+        lines.append(f"- **failed**: {', '.join(failures)} (their output is above the report "
+                     "in the console; nothing of theirs is below)")
+    lines += ["", "## What was compared", ""]
+    for part in (p for p in parts if p["providers"]):
+        lines.append(f"**{part['title']}**")
+        for name, why in part["providers"].items():
+            lines.append(f"- {name}: " + ("timed" if why is None else f"not timed here: {why}"))
+        skipped = sum(1 for row in part["rows"] if row[-1].startswith("skipped"))
+        if skipped:
+            lines.append(f"- {skipped} row(s) could not run; the note column says why")
+        lines.append("")
+    lines += ["## Goals", ""]
+    goal_rows = []
+    for part in parts:
+        if "goal" not in part["headers"]:
+            continue
+        g = part["headers"].index("goal")
+        key = next(i for i, h in enumerate(part["headers"]) if h.startswith("ms"))
+        goal_rows += [[part["stem"], " / ".join(row[:key]), row[g]] for row in part["rows"]
+                      if row[g]]
+    if goal_rows:
+        verdicts = " ".join(r[2] for r in goal_rows)
+        lines += [f"{verdicts.count(': met')} met, {verdicts.count('MISSED')} missed, "
+                  f"{verdicts.count('not judged')} not judged.", "",
+                  markdown_table(["benchmark", "row", "goal"], goal_rows), ""]
+    else:
+        lines += ["No goal judged: the goals are CUDA speeds, and this run had no CUDA "
+                  "device (or no goal row ran).", ""]
+    for part in parts:
+        lines += [f"## {part['stem']}: {part['title']}", "",
+                  f"`{part['env']['command']}`", "",
+                  markdown_table(part["headers"], part["rows"]), ""]
+        if part["notes"]:
+            lines += [part["notes"], ""]
+        png = out_dir / f"{part['stem']}.png"
+        if png.exists():
+            lines += [f"![{part['stem']}]({png.name})", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.report DIR [HEADING]: gather every result in DIR into one report
+    folder = Path(sys.argv[1])
+    found = sorted(folder.glob("*.json"))
+    if not found:
+        raise SystemExit(f"no benchmark results (.json) in {folder}")
+    print(f"wrote {gather(found, folder, sys.argv[2] if len(sys.argv) > 2 else '', [])}")

@@ -3,10 +3,15 @@
     python -m benchmarks.tune_attention [--out DIR]      # CUDA only
 
 The defaults in kernels/attention.py (`launch_settings`) were chosen as the largest tiles that
-compile without register spills (benchmarks/compile_check.py), untimed. This
-script times each candidate below, forward and forward+backward, in bf16 at the model's shape and
-at two long-sequence shapes, and marks the fastest per shape and mode. Candidates that do not
-compile, or do not fit, are reported as such.
+compile without register spills (benchmarks/compile_check.py), untimed. This script times each
+candidate below in bf16, forward and forward+backward, with dropout off and at the training
+dropout 0.2, at the model's shape and at two long-sequence shapes, and marks the fastest per
+shape, dropout and mode. Before a candidate is timed, its output and every gradient are checked
+against the fp64 reference (with the same dropout mask) at T = 999, which is not a multiple of
+any block: an error above twice (output) or three times (gradients) that of the same reference
+computed in bf16, or a non-finite value, rejects it.
+Candidates that do not compile, or do not fit, are reported as such. The fastest is chosen by
+the back-to-back time (what training sees); the L2-flushed time stands beside it.
 """
 
 from __future__ import annotations
@@ -15,13 +20,25 @@ import argparse
 import importlib
 
 import torch
-from tinygpt.kernels import attention
+from tinygpt.kernels import attention, attention_dropout_mask
+from tinygpt.kernels.reference import attention_reference
 
-from benchmarks.report import CUDA, environment, median_ms, write_report
+from benchmarks.report import (
+    CUDA,
+    Timing,
+    environment,
+    ratio,
+    release_memory,
+    skip_reason,
+    time_ms,
+    write_report,
+)
 
 module = importlib.import_module("tinygpt.kernels.attention")
 gpu = importlib.import_module("tinygpt.kernels.gpu")
 DEVICE = "cuda"
+CHECK_T = 999  # the correctness check's length: not a multiple of any block
+TRAINING_DROPOUT = 0.2
 
 SHAPES = [dict(B=64, H=6, T=256, D=64), dict(B=4, H=32, T=4096, D=64),
           dict(B=4, H=16, T=4096, D=128)]
@@ -38,13 +55,42 @@ def as_launch(c: tuple) -> dict:
     return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
 
 
-def time_case(shape: dict, mode: str) -> float:
+def time_case(shape: dict, mode: str, p: float) -> Timing:
     q, k, v = (torch.randn(shape["B"], shape["H"], shape["T"], shape["D"], device=DEVICE,
                            dtype=torch.bfloat16, requires_grad=mode != "fwd") for _ in range(3))
     if mode == "fwd":
-        return median_ms(lambda: attention(q, k, v))
+        return time_ms(lambda: attention(q, k, v, dropout_p=p))
     do = torch.randn_like(q)
-    return median_ms(lambda: attention(q, k, v).backward(do), grad_to_none=[q, k, v])
+    return time_ms(lambda: attention(q, k, v, dropout_p=p).backward(do), grad_to_none=[q, k, v])
+
+
+def wrong(D: int, p: float, T: int = CHECK_T, dtype=torch.bfloat16, device=DEVICE
+          ) -> str | None:
+    """Why the current launch settings compute attention wrongly at head dim D and dropout p,
+    or None: output and gradients (B=2, H=3) against the fp64 reference given the kernels' own
+    dropout mask, held to 2x (output) and 3x (gradients) the error of the same reference
+    computed in `dtype`, plus 1e-2."""
+    B, H, seed = 2, 3, 1234
+    gen = torch.Generator(device=device).manual_seed(D)
+    q, k, v, do = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=gen)
+                   for _ in range(4))
+    mask = attention_dropout_mask(B, H, T, T, p, seed, device=device) if p else None
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(do.to(out.dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    ours = run(lambda q, k, v: attention(q, k, v, dropout_p=p, seed=seed))
+    low, exact = (run(lambda q, k, v, u=upcast: attention_reference(
+        q, k, v, dropout_p=p, dropout_mask=mask, upcast=u)) for upcast in (None, torch.float64))
+    for name, o, lo, e, factor in zip(("out", "dq", "dk", "dv"), ours, low, exact, (2, 3, 3, 3)):
+        err = (o.double() - e).abs().max().item()
+        allowed = factor * (lo.double() - e).abs().max().item() + 1e-2
+        if not torch.isfinite(o).all() or err > allowed:
+            return f"{name} off by {err:.3g} (allowed {allowed:.3g})"
+    return None
 
 
 def main() -> None:
@@ -54,8 +100,9 @@ def main() -> None:
     if not CUDA:
         raise SystemExit("tune_attention times kernels on a CUDA device; none is present")
     defaults = module.launch_settings
+    checked = {}  # (D, dropout, settings) -> None or why the settings are wrong
     rows = []
-    for shape in SHAPES:
+    for shape, p in [(s, p) for s in SHAPES for p in (0.0, TRAINING_DROPOUT)]:
         label = "{B}x{H}x{T}x{D}".format(**shape)
         fwd_d, dkdv_d, dq_d = defaults(shape["D"], torch.bfloat16,
                                        gpu.target(torch.device(DEVICE)))
@@ -65,28 +112,44 @@ def main() -> None:
         results = []
         for mode, fwd, bwd in trials:
             module.launch_settings = lambda D, dtype, target, fwd=fwd, bwd=bwd: (fwd, *bwd)
-            try:
-                ms = time_case(shape, mode)
-            except Exception as e:  # out of resources, say: report and go on
-                ms, note = float("inf"), f"failed: {type(e).__name__}: {str(e)[:60]}"
-            else:
-                note = ""
             setting = (f"fwd {tuple(fwd.values())}" if mode == "fwd" else
                        f"dkdv {tuple(bwd[0].values())} dq {tuple(bwd[1].values())}")
-            results.append([label, mode, setting, ms, note])
-            print(label, mode, setting, f"{ms:.3f} ms", note, flush=True)
+            timing, note = None, ""
+            try:
+                key = (shape["D"], p, str(fwd), str(bwd))
+                if key not in checked:
+                    checked[key] = wrong(shape["D"], p)
+                if checked[key]:
+                    note = f"rejected: {checked[key]}"
+                else:
+                    timing = time_case(shape, mode, p)
+            except Exception as e:  # out of resources, say: report and go on
+                note = f"failed: {skip_reason(e)}"
+            finally:
+                release_memory()
+            results.append((mode, setting, timing, note))
+            print(label, f"p={p:g}", mode, setting, timing, note, flush=True)
         module.launch_settings = defaults
         for mode in ("fwd", "fwd+bwd"):
-            best = min(r[3] for r in results if r[1] == mode)
-            for r in results:
-                if r[1] == mode:
-                    rows.append([r[0], r[1], r[2], f"{r[3]:.3f}", f"{best / r[3]:.2f}",
-                                 r[4] or ("fastest" if r[3] == best else "")])
+            timed = [r[2] for r in results if r[0] == mode and r[2] is not None]
+            best = min(timed, key=lambda t: t.back_to_back, default=None)
+            for r_mode, setting, timing, note in results:
+                if r_mode != mode:
+                    continue
+                if timing is None:
+                    rows.append([label, f"{p:g}", mode, setting, "-", "-", "-", note])
+                    continue
+                rows.append([label, f"{p:g}", mode, setting, f"{timing.flushed:.3f}",
+                             f"{timing.back_to_back:.3f}", ratio(best, timing),
+                             "fastest" if timing is best else ""])
     write_report(args.out, "tune-attention", "Attention launch settings, bf16, timed",
-                 ["shape", "mode", "setting (BLOCK_M, BLOCK_N, warps, stages)", "median ms",
-                  "speed vs best", "note"], rows, environment(),
+                 ["shape", "dropout", "mode", "setting (BLOCK_M, BLOCK_N, warps, stages)",
+                  "ms flushed", "ms back-to-back", "speed vs best", "note"], rows,
+                 environment(),
                  notes="Settings are (BLOCK_M, BLOCK_N, num_warps, num_stages). The fwd rows use "
-                       "the default backward settings; the fwd+bwd rows the default forward.")
+                       "the default backward settings; the fwd+bwd rows the default forward. "
+                       "Speed vs best: the fastest setting's time over the row's (back-to-back, "
+                       "flushed in brackets).")
 
 
 if __name__ == "__main__":

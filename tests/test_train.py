@@ -334,16 +334,6 @@ def test_resume_needs_the_training_state(tmp_path, corpus_path):
         train("cpu-baby", {"out_dir": str(tmp_path)}, data=str(corpus_path), resume=True)
 
 
-@pytest.mark.slow
-def test_bench_command_writes_a_dated_report(tmp_path, capsys):
-    assert main(["bench", "train", "--out", str(tmp_path)]) == 0
-    reports = list(tmp_path.glob("report-*.md"))
-    assert len(reports) == 1
-    text = reports[0].read_text()
-    assert "## train_step-" in text and "| torch |" in text and "| reference |" in text
-    assert "- torch: `" in text  # the environment block travels with each table
-
-
 def test_a_new_run_does_not_clobber_an_old_one(tmp_path, corpus_path, capsys):
     tiny_run(tmp_path, corpus_path, max_iters=2, eval_interval=1)
     before = (tmp_path / "out" / "last.pt").read_bytes()

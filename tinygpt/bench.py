@@ -6,13 +6,10 @@ package), so this command needs the checkout that an editable install (`pip inst
 
 from __future__ import annotations
 
-import datetime
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from .errors import UserError
 
@@ -31,8 +28,8 @@ def repository_root() -> Path:
     return root
 
 
-def run_benchmarks(suites: list[str], out_dir: str) -> Path:
-    """Run the chosen suites, then write OUT_DIR/report-DEVICE-DATE.md linking every table."""
+def run_benchmarks(suites: list[str], out_dir: str, quick: bool = False) -> Path:
+    """Run the chosen suites, then gather what they wrote into OUT_DIR/report-DEVICE-DATE.md."""
     root = repository_root()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -41,26 +38,19 @@ def run_benchmarks(suites: list[str], out_dir: str) -> Path:
     for suite in suites:
         for script in SUITES[suite]:
             print(f"== {script}", flush=True)
-            rc = subprocess.call([sys.executable, "-m", f"benchmarks.{script}", "--out", str(out)],
-                                 cwd=root)
+            rc = subprocess.call([sys.executable, "-m", f"benchmarks.{script}", "--out", str(out),
+                                  *(["--quick"] if quick else [])], cwd=root)
             if rc:
                 failures.append(f"{script} (exit {rc})")
-    written = sorted(p for p in out.glob("*.md")
-                     if p.stat().st_mtime >= started and not p.name.startswith("report-"))
+    written = sorted(p for p in out.glob("*.json") if p.stat().st_mtime >= started)
     if not written:
         raise UserError("no benchmark wrote a result; see the output above")
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # as the scripts name their files
-    day = datetime.date.today().isoformat()
-    report = out / f"report-{device}-{day}.md"
-    parts = [f"# tinygpt benchmark report ({device}, {day})\n",
-             f"Suites: {', '.join(suites)}."
-             + (f" Failed: {', '.join(failures)}." if failures else "")]
-    for path in written:
-        body = path.read_text().split("\n", 1)[1]  # drop the file's own title line
-        plot = path.with_suffix(".png")
-        image = f"\n![{plot.stem}]({plot.name})\n" if plot.exists() else ""
-        parts.append(f"## {path.stem}\n{body}{image}")
-    report.write_text("\n\n".join(parts))
+    sys.path.insert(0, str(root))  # benchmarks/ is a folder of the checkout, not installed
+    from benchmarks.report import gather
+
+    heading = (f"suites: {', '.join(suites)}" + (" (--quick: small shapes, a check that every "
+               "provider runs, not a speed)" if quick else ""))
+    report = gather(written, out, heading, failures)
     print(f"wrote {report}")
     if failures:
         raise UserError(f"benchmarks failed: {', '.join(failures)} (report: {report})")

@@ -96,13 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["kernels", "train", "generate"], metavar="SUITE",
                        help="kernels, train and/or generate (default: all three)")
     bench.add_argument("--out", default="benchmarks/results", help="where results go")
+    bench.add_argument("--quick", action="store_true",
+                       help="small shapes and few steps: checks that everything runs, not a speed")
     return parser
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks
 
-    run_benchmarks(args.suites, args.out)
+    run_benchmarks(args.suites, args.out, args.quick)
     return 0
 
 
