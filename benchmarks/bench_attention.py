@@ -178,9 +178,10 @@ def _reasons(caught: list[warnings.WarningMessage]) -> list[str]:
     return list(dict.fromkeys(t.rstrip(".") for t in texts if t and not t.endswith(":")))
 
 
-def goal(label: str, shape: dict, mode: str, p: float, tflops: float, vs_sdpa: float | None
+def goal(label: str, shape: dict, mode: str, tflops: float | None, vs_sdpa: float | None
          ) -> str:
-    """The issue-4 goals this triton row is held to, met or missed."""
+    """The issue-4 goals this triton row is held to: met, MISSED, or not judged. tflops is None
+    when triton did not run; vs_sdpa is None when no SDPA backend ran."""
     checks = []
     if mode == "fwd+bwd" and label.startswith("model"):
         checks.append(("1.2x best SDPA", vs_sdpa, 1.2))
@@ -190,8 +191,15 @@ def goal(label: str, shape: dict, mode: str, p: float, tflops: float, vs_sdpa: f
         checks.append(("280 TFLOP/s", tflops, 280.0))
     if label == "sweep" and shape["D"] == 128 and shape["T"] == 16384 and mode == "fwd":
         checks.append(("500 TFLOP/s", tflops, 500.0))
-    return "; ".join(f"{name}: {'met' if value is not None and value >= need else 'MISSED'}"
-                     for name, value, need in checks)
+
+    def verdict(value, need):
+        if tflops is None:
+            return "MISSED (did not run)"
+        if value is None:
+            return "not judged (no SDPA backend ran)"
+        return "met" if value >= need else "MISSED"
+
+    return "; ".join(f"{name}: {verdict(value, need)}" for name, value, need in checks)
 
 
 def cases(quick: bool) -> list[tuple[str, dict, float]]:
@@ -219,9 +227,8 @@ def measure(label: str, shape: dict, dtype_name: str, p: float, mode: str, found
     for name, result in results.items():
         row = [label, "{B}x{H}x{T}x{D}".format(**shape), dtype_name, mode, f"{p:g}", name]
         if isinstance(result, str):
-            missed = goal(label, shape, mode, p, 0.0, None) if name == "triton" else ""
-            rows.append(row + ["-"] * 6 + [missed.replace("MISSED", "MISSED (did not run)"),
-                                           f"skipped: {result}"])
+            missed = goal(label, shape, mode, None, None) if name == "triton" else ""
+            rows.append(row + ["-"] * 6 + [missed, f"skipped: {result}"])
             print(" | ".join(rows[-1]), flush=True)
             continue
         timing, peak = result
@@ -231,7 +238,7 @@ def measure(label: str, shape: dict, dtype_name: str, p: float, mode: str, found
         row += [flushed, f"{timing.back_to_back:.3f}", f"{tflops:.3g}",
                 "n/a" if peak is None else f"{peak:.0f}", ratio(best_sdpa, timing),
                 ratio(best_other, timing),
-                goal(label, shape, mode, p, tflops, vs_sdpa) if name == "triton" and CUDA else "",
+                goal(label, shape, mode, tflops, vs_sdpa) if name == "triton" and CUDA else "",
                 ""]
         rows.append(row)
         print(" | ".join(row), flush=True)

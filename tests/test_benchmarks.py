@@ -113,3 +113,20 @@ def test_tuning_rejects_settings_that_compute_wrongly(monkeypatch):
     monkeypatch.setattr(tune_attention, "attention",
                         lambda *a, **k: attention(*a, **k) * 1.01)  # a config 1% off
     assert tune_attention.wrong(16, 0.2, **kwargs).startswith("out off by")
+
+
+@pytest.mark.parametrize("cudnn_ms, verdict", [(1.1, "MISSED"), (1.3, "met")])
+def test_attention_goal_is_judged_against_the_best_sdpa_backend(monkeypatch, cudnn_ms, verdict):
+    times = {"triton": 1.0, "sdpa (flash)": 1.5, "sdpa (cudnn)": cudnn_ms,
+             "flex_attention (compiled)": 0.9}
+    monkeypatch.setattr(bench_attention, "CUDA", True)  # goals are judged on CUDA only
+    monkeypatch.setattr(bench_attention, "run_case",
+                        lambda provider, *args: (Timing(times[provider.name], None), None))
+    found = [bench_attention.Provider(name, lambda s: None) for name in times]
+    rows = []
+    bench_attention.measure("model", bench_attention.MODEL, "bfloat16", 0.0, "fwd+bwd", found,
+                            rows, {})
+    triton = next(row for row in rows if row[5] == "triton")
+    assert triton[10] == f"{cudnn_ms:.2f}x"  # the best SDPA backend, not flash
+    assert triton[11] == "0.90x"  # the best competitor of all: flex
+    assert triton[12] == f"1.2x best SDPA: {verdict}"
