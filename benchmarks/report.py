@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 CUDA = torch.cuda.is_available()
+DEVICE_TAG = "cuda" if CUDA else "cpu"  # in every result's file name
 
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s: the denominator of MFU.
@@ -80,16 +81,10 @@ def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: 
     providers: name -> None when it ran here, or the reason it could not."""
     table = markdown_table(headers, rows)
     print(table)
-    device_tag = "cuda" if torch.cuda.is_available() else "cpu"
-    day = env["date"][:10]
-    path = Path(out_dir) / f"{name}-{device_tag}-{day}.md"
+    path = Path(out_dir) / f"{name}-{DEVICE_TAG}-{env['date'][:10]}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     env_lines = "\n".join(f"- {k}: `{v}`" for k, v in env.items())
-    compared = ""
-    if providers:
-        compared = "\nCompared:\n" + "\n".join(
-            f"- {n}: " + ("timed" if why is None else f"not timed here: {why}")
-            for n, why in providers.items()) + "\n"
+    compared = "\nCompared:\n" + "\n".join(compared_lines(providers)) + "\n" if providers else ""
     path.write_text(f"# {title}\n\n{env_lines}\n{compared}\n{table}\n"
                     + (f"\n{notes}\n" if notes else ""))
     path.with_suffix(".json").write_text(json.dumps(
@@ -97,6 +92,12 @@ def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: 
              rows=[[str(c) for c in row] for row in rows], notes=notes), indent=1))
     print(f"wrote {path}")
     return path
+
+
+def compared_lines(providers: dict[str, str | None]) -> list[str]:
+    """One line per provider: timed, or why it was not."""
+    return [f"- {n}: " + ("timed" if why is None else f"not timed here: {why}")
+            for n, why in providers.items()]
 
 
 def skip_reason(error: BaseException) -> str:
@@ -204,13 +205,6 @@ def peak_mib(step, grad_to_none=None) -> float | None:
     return peak / 2**20
 
 
-def median_ms(fn, grad_to_none=None) -> float:
-    """The one time a bandwidth ceiling or a tuning sweep quotes: flushed on CUDA, back-to-back
-    elsewhere."""
-    flushed = flushed_ms(fn, grad_to_none)
-    return flushed if flushed is not None else back_to_back_ms(fn, grad_to_none)
-
-
 def ratio(best: Timing | None, row: Timing) -> str:
     """best / row, back-to-back, with the flushed ratio beside it where both have one."""
     if best is None:
@@ -227,7 +221,7 @@ def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
     n_bytes = n_bytes if CUDA else n_bytes // 8
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
+    ms = flushed_ms(lambda: dst.copy_(src)) or back_to_back_ms(lambda: dst.copy_(src))
     return 2 * n_bytes / ms / 1e6
 
 
@@ -265,8 +259,7 @@ def gather(results: list[Path], out_dir: Path, heading: str, failures: list[str]
     with its verdict, then each table with its plot."""
     parts = [json.loads(p.read_text()) | {"stem": p.stem} for p in results]
     env = parts[0]["env"]
-    device_tag = "cuda" if torch.cuda.is_available() else "cpu"
-    path = out_dir / f"report-{device_tag}-{env['date'][:10]}.md"
+    path = out_dir / f"report-{DEVICE_TAG}-{env['date'][:10]}.md"
     lines = [f"# tinygpt benchmark report: {env['device']}, {env['date']}", "",
              *(f"- {k}: `{v}`" for k, v in env.items() if k not in ("date", "command")),
              *([f"- {heading}"] if heading else [])]
@@ -275,9 +268,7 @@ def gather(results: list[Path], out_dir: Path, heading: str, failures: list[str]
                      "in the console; nothing of theirs is below)")
     lines += ["", "## What was compared", ""]
     for part in (p for p in parts if p["providers"]):
-        lines.append(f"**{part['title']}**")
-        for name, why in part["providers"].items():
-            lines.append(f"- {name}: " + ("timed" if why is None else f"not timed here: {why}"))
+        lines += [f"**{part['title']}**", *compared_lines(part["providers"])]
         skipped = sum(1 for row in part["rows"] if row[-1].startswith("skipped"))
         if skipped:
             lines.append(f"- {skipped} row(s) could not run; the note column says why")
