@@ -1,7 +1,7 @@
 """Compile every Triton kernel configuration for GPUs without having one, and report resources.
 
-    python -m benchmarks.compile_check [--arch 80 86 89 90 120] [--quick] [--jobs N] [--out DIR]
-                                       [--baseline EARLIER_REPORT.md]
+    python -m benchmarks.compile_check [--arch 80 86 89 90 120] [--quick] [--head-dims D ...]
+                                       [--jobs N] [--out DIR] [--baseline EARLIER_REPORT.md]
 
 Triton compiles ahead of time for any NVIDIA target with the ptxas it ships. For each target and
 each specialization the launchers pick there (dtype, head dim, causal, dropout; LayerNorm row
@@ -35,6 +35,8 @@ from benchmarks.report import environment, write_report
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 ARCHS = (80, 86, 89, 90, 120)  # A100; RTX 30xx, A10; L4, RTX 40xx; H100, H200; RTX 50xx
+# Head dims: each padded width the kernels compute with (16 to 256), and two padded ones.
+HEAD_DIMS = (16, 24, 32, 64, 96, 128, 256)
 
 attention = importlib.import_module("tinygpt.kernels.attention")
 layernorm = importlib.import_module("tinygpt.kernels.layernorm")
@@ -91,18 +93,24 @@ def _blocks(launch: dict) -> dict:
     return {k: v for k, v in launch.items() if k.startswith("BLOCK")}
 
 
-def attention_cases(quick: bool, arch: int):
+def attention_cases(quick: bool, arch: int, head_dims: list[int] | None):
     """(label, kernel, pointers, ints, floats, constexprs, launch) for every attention kernel."""
     target = gpu.Target(arch, gpu.SHARED_MEMORY[arch])
     dtypes = [torch.bfloat16] if quick else list(TRITON_TYPES)
-    head_dims = [64, 128] if quick else list(attention.HEAD_DIMS)
+    head_dims = head_dims or ([64, 128] if quick else list(HEAD_DIMS))
     causals = [True] if quick else [True, False]
     for dtype, D, causal, dropout in itertools.product(dtypes, head_dims, causals, [False, True]):
         t = TRITON_TYPES[dtype]
-        common = dict(CAUSAL=causal, DROPOUT=dropout, HEAD_DIM=D,
+        common = dict(CAUSAL=causal, DROPOUT=dropout, HEAD_DIM=D, BLOCK_D=attention.block_d(D),
                       PRECISION=attention._precision(dtype))
         case = f"{t} D={D} {'causal' if causal else 'full'}{' dropout' if dropout else ''}"
         fwd, dkdv, dq = attention.launch_settings(D, dtype, target)
+        if causal == causals[0] and not dropout:  # the delta kernel has neither
+            rows = dict(BLOCK_D=attention.block_d(D), BLOCK_M=attention.delta_rows(D))
+            yield (f"attention delta, {t} D={D}", attention._attn_bwd_delta_kernel,
+                   dict(O=f"*{t}", DO=f"*{t}", Delta="*fp32"),
+                   [f"stride_{n}{d}" for n in ("o", "do") for d in "bhtd"] + ["H", "T"],
+                   ["keep_prob"], dict(HEAD_DIM=D, **rows), dict(num_warps=4))
         yield (f"attention fwd, {case}", attention._attn_fwd_kernel,
                dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", O=f"*{t}", LSE="*fp32", Seed="*i64"),
                strides("q", "k", "v", "o") + ["H", "T", "S", "threshold"],
@@ -156,13 +164,16 @@ def layernorm_cases(quick: bool, arch: int):
            dict(HAS_W=True, HAS_B=True, BLOCK_G=block_g, BLOCK_N=block_n), dict(num_warps=4))
 
 
-def cases(quick: bool, arch: int) -> list[tuple]:
-    return [*attention_cases(quick, arch), *layernorm_cases(quick, arch)]
+def cases(quick: bool, arch: int, head_dims: list[int] | None) -> list[tuple]:
+    """Every kernel to compile; only attention at `head_dims` when they are given."""
+    if head_dims:
+        return list(attention_cases(quick, arch, head_dims))
+    return [*attention_cases(quick, arch, None), *layernorm_cases(quick, arch)]
 
 
-def _compile_case(quick: bool, arch: int, index: int) -> dict:
+def _compile_case(quick: bool, arch: int, head_dims: list[int] | None, index: int) -> dict:
     """Worker: compile case `index` for `arch` (cases are rebuilt here: kernels don't pickle)."""
-    _label, fn, pointers, ints, floats, constexprs, launch = cases(quick, arch)[index]
+    _label, fn, pointers, ints, floats, constexprs, launch = cases(quick, arch, head_dims)[index]
     return compile_kernel(fn, pointers, ints, floats, constexprs, launch, arch)
 
 
@@ -196,6 +207,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the model's kernels only: bf16, causal, D 64 and 128; "
                              "add+LayerNorm at N=384 and in column tiles")
+    parser.add_argument("--head-dims", type=int, nargs="+", metavar="D",
+                        help="attention only, at these head dims (default: "
+                             f"{' '.join(map(str, HEAD_DIMS))}, or 64 128 with --quick)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="kernels compiled in parallel (default: one per core)")
     parser.add_argument("--out", default="benchmarks/results")
@@ -204,10 +218,12 @@ def main() -> None:
     baseline = read_baseline(args.baseline) if args.baseline else {}
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
-    work = [(arch, i, case) for arch in args.arch for i, case in enumerate(cases(args.quick, arch))]
+    work = [(arch, i, case) for arch in args.arch
+            for i, case in enumerate(cases(args.quick, arch, args.head_dims))]
     with concurrent.futures.ProcessPoolExecutor(
             args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_compile_case, args.quick, arch, i) for arch, i, _ in work]
+        futures = [pool.submit(_compile_case, args.quick, arch, args.head_dims, i)
+                   for arch, i, _ in work]
         results = [f.result() for f in futures]
 
     by_label = {(arch, case[0]): usage for (arch, _, case), usage in zip(work, results)}

@@ -9,7 +9,7 @@ from .reference import attention_reference, layer_norm_reference
 
 TRITON_IMPORT_ERROR: str | None = None
 try:
-    from .attention import attention, attention_dropout_mask, attention_qkv
+    from .attention import attention, attention_dropout_mask, attention_qkv, unsupported_shape
     from .layernorm import add_layer_norm, layer_norm
 except ImportError as e:
     TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
@@ -18,6 +18,8 @@ except ImportError as e:
         raise ImportError(f"the Triton kernels are unavailable ({TRITON_IMPORT_ERROR})")
 
     attention = attention_dropout_mask = attention_qkv = layer_norm = add_layer_norm = _unavailable
+    unsupported_shape = _unavailable
 
 __all__ = ["attention", "attention_dropout_mask", "attention_qkv", "layer_norm", "add_layer_norm",
-           "attention_reference", "layer_norm_reference", "TRITON_IMPORT_ERROR"]
+           "unsupported_shape", "attention_reference", "layer_norm_reference",
+           "TRITON_IMPORT_ERROR"]

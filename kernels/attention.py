@@ -32,6 +32,11 @@ of 1 - p_drop. The mask is a pure function of (seed, b*H + h, i, j) that backwar
 from torch's generator when not given: `torch.manual_seed` makes runs reproducible,
 torch.compile traces the draw, and CUDA graphs capture it.
 
+Head dims: any D from 1 to 256. The kernels compute with BLOCK_D = D rounded up to a power of two
+(at least 16, the smallest tensor-core matmul depth): loads fill the padding with zeros, which add
+nothing to q k^T or to the outputs, and stores skip it. For a power-of-two D the masks fold away:
+the machine code is the same as without them.
+
 fp16 and bf16 inputs use tensor-core matmuls with fp32 accumulation; fp32 inputs are computed in
 full fp32 (no tf32), so they match an fp32 reference closely and run slower. Offsets are 64-bit
 wherever a product can pass 2^31. Launch settings depend on the GPU (`launch_settings`); the
@@ -40,16 +45,14 @@ kernels need compute capability 8.0 or newer.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .gpu import LEAST_SHARED_MEMORY, MIN_CAPABILITY, Target, on_device, target
+from .gpu import LEAST_SHARED_MEMORY, MIN_CAPABILITY, Target, interpreted, on_device, target
 
-HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 256
 MAX_BATCH_HEADS = 65535  # B * H runs along the second launch-grid axis
 LOG2E = 1.4426950408889634
 DROPOUT_BITS = 16  # random bits per keep decision: 128 // 16 = 8 decisions per Philox draw
@@ -124,7 +127,7 @@ def _dropout_keep(seed, bh, start_m, start_n, threshold,
 
 @triton.jit
 def _fwd_key_loop(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, lo, hi, S, qk_scale,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, d_ok, start_m, lo, hi, S, qk_scale,
     seed, bh, threshold,
     DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -134,7 +137,8 @@ def _fwd_key_loop(
         offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         col_ok = offs_n < S
         row = tl.cast(start_n, tl.int64)
-        k_t = tl.load(k_ptrs + row * stride_kt, mask=col_ok[None, :], other=0.0)  # (D, BLOCK_N)
+        k_t = tl.load(k_ptrs + row * stride_kt, mask=d_ok[:, None] & col_ok[None, :],
+                      other=0.0)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         valid = col_ok[None, :]
         if DIAGONAL:
@@ -147,7 +151,8 @@ def _fwd_key_loop(
         if DROPOUT:  # 1 / (1 - p_drop) is applied once, to the output
             p = tl.where(_dropout_keep(seed, bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N),
                          p, 0.0)
-        v = tl.load(v_ptrs + row * stride_vt, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+        v = tl.load(v_ptrs + row * stride_vt, mask=col_ok[:, None] & d_ok[None, :],
+                    other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -161,43 +166,44 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     H, T, S, qk_scale, keep_scale, threshold,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # (BLOCK_D,): the head dim padded to a power of two
+    row_ok = offs_m < T
     q = tl.load(_tile(_head(Q, bh, H, stride_qb, stride_qh), offs_m, stride_qt, offs_d, stride_qd),
-                mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     k_ptrs = _tile(_head(K, bh, H, stride_kb, stride_kh), offs_d, stride_kd, offs_n, stride_kt)
     v_ptrs = _tile(_head(V, bh, H, stride_vb, stride_vh), offs_n, stride_vt, offs_d, stride_vd)
     seed = tl.load(Seed)  # unused without dropout
 
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     if CAUSAL:
         # Key tiles left of this query tile are fully visible; the ones on its diagonal are masked.
         acc, l_i, m_i = _fwd_key_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, 0,
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, d_ok, start_m, 0,
             tl.minimum(start_m, S), S, qk_scale, seed, bh, threshold, False, DROPOUT, BLOCK_M,
             BLOCK_N, PRECISION)
         acc, l_i, m_i = _fwd_key_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, start_m,
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, d_ok, start_m, start_m,
             tl.minimum(start_m + BLOCK_M, S), S, qk_scale, seed, bh, threshold, True, DROPOUT,
             BLOCK_M, BLOCK_N, PRECISION)
     else:
         acc, l_i, m_i = _fwd_key_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, 0, S, S, qk_scale,
-            seed, bh, threshold, False, DROPOUT, BLOCK_M, BLOCK_N, PRECISION)
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, d_ok, start_m, 0, S, S,
+            qk_scale, seed, bh, threshold, False, DROPOUT, BLOCK_M, BLOCK_N, PRECISION)
 
     out = acc * (keep_scale / l_i)[:, None]  # keep_scale = 1 / (1 - p_drop)
-    row_ok = offs_m < T
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
     tl.store(_tile(_head(O, bh, H, stride_ob, stride_oh), offs_m, stride_ot, offs_d, stride_od),
-             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -205,24 +211,25 @@ def _attn_bwd_delta_kernel(
     O, DO, Delta,  # O, DO: (B, H, T, D); Delta: (B*H, T) fp32
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
-    H, T, keep_prob, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    H, T, keep_prob, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Delta = rowsum(dO * O) * (1 - p_drop): delta in the units of dP * keep."""
     bh = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]  # (BLOCK_M, BLOCK_D)
     o = tl.load(_tile(_head(O, bh, H, stride_ob, stride_oh), offs_m, stride_ot, offs_d, stride_od),
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
+                mask=ok, other=0.0).to(tl.float32)
     do = tl.load(_tile(_head(DO, bh, H, stride_dob, stride_doh), offs_m, stride_dot, offs_d,
-                       stride_dod), mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1) * keep_prob, mask=row_ok)
+                       stride_dod), mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1) * keep_prob,
+             mask=offs_m < T)
 
 
 @triton.jit
 def _dkdv_query_loop(
-    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, start_n, lo, hi, T,
-    S, qk_scale, seed, bh, threshold,
+    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, d_ok, start_n, lo,
+    hi, T, S, qk_scale, seed, bh, threshold,
     DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -231,8 +238,9 @@ def _dkdv_query_loop(
         offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         row_ok = offs_m < T
         row = tl.cast(start_m, tl.int64)
-        q = tl.load(q_ptrs + row * stride_qt, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-        do = tl.load(do_ptrs + row * stride_dot, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+        ok = row_ok[:, None] & d_ok[None, :]  # (BLOCK_M, BLOCK_D)
+        q = tl.load(q_ptrs + row * stride_qt, mask=ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(do_ptrs + row * stride_dot, mask=ok, other=0.0)  # (BLOCK_M, BLOCK_D)
         lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -263,17 +271,18 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     H, T, S, scale, qk_scale, keep_scale, threshold,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n[:, None] < S
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    col_ok = (offs_n < S)[:, None] & d_ok[None, :]  # (BLOCK_N, BLOCK_D)
     k = tl.load(_tile(_head(K, bh, H, stride_kb, stride_kh), offs_n, stride_kt, offs_d, stride_kd),
-                mask=col_ok, other=0.0)  # (BLOCK_N, D)
+                mask=col_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(_tile(_head(V, bh, H, stride_vb, stride_vh), offs_n, stride_vt, offs_d, stride_vd),
                 mask=col_ok, other=0.0)
     q_ptrs = _tile(_head(Q, bh, H, stride_qb, stride_qh), offs_m, stride_qt, offs_d, stride_qd)
@@ -283,23 +292,23 @@ def _attn_bwd_dkdv_kernel(
     delta_ptr = Delta + bh.to(tl.int64) * T
     seed = tl.load(Seed)  # unused without dropout
 
-    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if CAUSAL:
         # Queries before start_n see none of these keys; the next BLOCK_N straddle the diagonal.
         diag_end = tl.minimum(start_n + BLOCK_N, T)
         dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, start_n,
-            start_n, diag_end, T, S, qk_scale, seed, bh, threshold, True, DROPOUT,
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, d_ok,
+            start_n, start_n, diag_end, T, S, qk_scale, seed, bh, threshold, True, DROPOUT,
             BLOCK_M, BLOCK_N, PRECISION)
         dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, start_n,
-            start_n + BLOCK_N, T, T, S, qk_scale, seed, bh, threshold, False, DROPOUT,
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, d_ok,
+            start_n, start_n + BLOCK_N, T, T, S, qk_scale, seed, bh, threshold, False, DROPOUT,
             BLOCK_M, BLOCK_N, PRECISION)
     else:
         dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, start_n, 0,
-            T, T, S, qk_scale, seed, bh, threshold, False, DROPOUT, BLOCK_M, BLOCK_N,
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, d_ok,
+            start_n, 0, T, T, S, qk_scale, seed, bh, threshold, False, DROPOUT, BLOCK_M, BLOCK_N,
             PRECISION)
 
     if DROPOUT:
@@ -312,8 +321,8 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_key_loop(
-    dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, lo, hi, S, qk_scale,
-    seed, bh, threshold,
+    dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, d_ok, start_m, lo, hi, S,
+    qk_scale, seed, bh, threshold,
     DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -323,8 +332,9 @@ def _dq_key_loop(
         offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         col_ok = offs_n < S
         row = tl.cast(start_n, tl.int64)
-        k = tl.load(k_ptrs + row * stride_kt, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
-        v = tl.load(v_ptrs + row * stride_vt, mask=col_ok[:, None], other=0.0)
+        ok = col_ok[:, None] & d_ok[None, :]  # (BLOCK_N, BLOCK_D)
+        k = tl.load(k_ptrs + row * stride_kt, mask=ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptrs + row * stride_vt, mask=ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         valid = row_ok[:, None] & col_ok[None, :]
         if DIAGONAL:
@@ -348,41 +358,42 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T, S, scale, qk_scale, keep_scale, threshold,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < T
+    ok = row_ok[:, None] & d_ok[None, :]  # (BLOCK_M, BLOCK_D)
     q = tl.load(_tile(_head(Q, bh, H, stride_qb, stride_qh), offs_m, stride_qt, offs_d, stride_qd),
-                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+                mask=ok, other=0.0)  # (BLOCK_M, BLOCK_D)
     do = tl.load(_tile(_head(DO, bh, H, stride_dob, stride_doh), offs_m, stride_dot, offs_d,
-                       stride_dod), mask=row_ok[:, None], other=0.0)
+                       stride_dod), mask=ok, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     k_ptrs = _tile(_head(K, bh, H, stride_kb, stride_kh), offs_n, stride_kt, offs_d, stride_kd)
     v_ptrs = _tile(_head(V, bh, H, stride_vb, stride_vh), offs_n, stride_vt, offs_d, stride_vd)
     seed = tl.load(Seed)  # unused without dropout
 
-    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if CAUSAL:
-        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, 0,
-                          tl.minimum(start_m, S), S, qk_scale, seed, bh, threshold,
+        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, d_ok,
+                          start_m, 0, tl.minimum(start_m, S), S, qk_scale, seed, bh, threshold,
                           False, DROPOUT, BLOCK_M, BLOCK_N, PRECISION)
-        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m,
-                          start_m, tl.minimum(start_m + BLOCK_M, S), S, qk_scale,
+        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, d_ok,
+                          start_m, start_m, tl.minimum(start_m + BLOCK_M, S), S, qk_scale,
                           seed, bh, threshold, True, DROPOUT, BLOCK_M, BLOCK_N, PRECISION)
     else:
-        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, 0,
-                          S, S, qk_scale, seed, bh, threshold, False, DROPOUT,
+        dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, d_ok,
+                          start_m, 0, S, S, qk_scale, seed, bh, threshold, False, DROPOUT,
                           BLOCK_M, BLOCK_N, PRECISION)
 
     tl.store(_tile(_head(DQ, bh, H, stride_dqb, stride_dqh), offs_m, stride_dqt, offs_d,
-                   stride_dqd), (dq * (scale * keep_scale)).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None])
+                   stride_dqd), (dq * (scale * keep_scale)).to(DQ.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -411,33 +422,53 @@ def _launch(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
+def block_d(D: int) -> int:
+    """The head dim the kernels compute with: D padded to a power of two, at least 16 (the
+    smallest tensor-core matmul depth). Loads of the padding read zeros; stores skip it."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def delta_rows(D: int) -> int:
+    """Rows per program of the delta kernel: two (rows, block_d(D)) fp32 tiles, 4 warps."""
+    return min(64, 8192 // block_d(D))
+
+
 def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict, dict]:
     """(forward, dK/dV, dQ) launch settings for head dim D and `dtype` on `gpu`.
 
-    The diagonal passes need forward and dQ BLOCK_M % BLOCK_N == 0 and dK/dV
-    BLOCK_N % BLOCK_M == 0. benchmarks/compile_check.py compiles every setting for sm_80, 86, 89,
-    90 and 120: none spills registers, all fit the shared memory of their target. Only 16-bit
-    D = 128 differs between architectures: Hopper's warpgroup MMAs keep a 128 x 64 forward tile
-    in registers, mma.sync on Ampere and Ada does not, and consumer Blackwell (sm_120) needs
-    smaller tiles still. fp32 inputs use FMA matmuls, which hold whole operand rows per thread:
-    small tiles. A device with less shared memory than any of those targets pipelines two
-    stages instead of three. Each setting: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+    Settings go by the padded head dim `block_d(D)`. The diagonal passes need forward and dQ
+    BLOCK_M % BLOCK_N == 0 and dK/dV BLOCK_N % BLOCK_M == 0. benchmarks/compile_check.py
+    compiles every setting for sm_80, 86, 89, 90 and 120: none spills registers, all fit the
+    shared memory of their target. Only 16-bit D > 64 differs between architectures: at 128,
+    Hopper's warpgroup MMAs keep a 128 x 64 forward tile in registers, mma.sync on Ampere and Ada
+    does not, and consumer Blackwell (sm_120) needs smaller tiles still; at 256 the tiles are
+    small everywhere and a third pipeline stage fits only on A100 and Hopper. fp32 inputs use FMA
+    matmuls, which hold whole operand rows per thread: small tiles. A device with less shared
+    memory than any of those targets pipelines two stages instead of three. Each setting:
+    (BLOCK_M, BLOCK_N, num_warps, num_stages).
     """
     if gpu.capability < MIN_CAPABILITY:
         raise RuntimeError(f"the Triton attention needs compute capability 8.0 or newer, not "
                            f"{gpu.capability // 10}.{gpu.capability % 10}")
-    if dtype == torch.float32 and D <= 64:
-        settings = (64, 16, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)
+    D = block_d(D)
+    if dtype == torch.float32 and D <= 64:  # dK/dV pipelines nothing: it spills once D is padded
+        settings = (64, 16, 8, 2), (32, 32, 8, 1), (32, 32, 8, 2)
+    elif dtype == torch.float32 and D <= 128:
+        settings = (16, 16, 4, 3), (16, 16, 8, 1), (16, 16, 4, 2)
     elif dtype == torch.float32:
-        settings = (16, 16, 4, 3), (16, 16, 4, 2), (16, 16, 4, 2)
+        settings = (16, 16, 4, 2), (16, 16, 4, 1), (16, 16, 8, 1)
     elif D <= 64:
         settings = (128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)
+    elif D == 256:  # a third stage only where more than 160 KiB of shared memory fit
+        stages = 3 if gpu.shared >= 160 * 1024 else 2
+        dq_rows = 64 if 90 <= gpu.capability < 120 else 32  # 32 spills on Hopper
+        settings = (64, 32, 8, stages), (16, 32, 8, stages), (dq_rows, 16, 8, stages)
     elif gpu.capability >= 120:  # RTX 50xx
         settings = (64, 32, 4, 3), (32, 32, 4, 3), (128, 16, 8, 3)
     elif gpu.capability >= 90:  # H100, H200
         settings = (128, 64, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3)
-    else:  # A100, RTX 30xx and 40xx, A10, L4
-        settings = (128, 32, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3)
+    else:  # A100, RTX 30xx and 40xx, A10, L4; dQ at 128 x 32 spills once D is padded
+        settings = (128, 32, 8, 3), (32, 64, 8, 3), (128, 16, 8, 3)
     if gpu.shared < LEAST_SHARED_MEMORY:
         settings = tuple((m, n, warps, min(stages, 2)) for m, n, warps, stages in settings)
     return tuple(_launch(*s) for s in settings)
@@ -463,8 +494,8 @@ def _launch_forward(q, k, v, seed, causal: bool, dropout_p: float, scale: float
         wrap_triton(_attn_fwd_kernel)[grid](
             q, k, v, o, lse, seed, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, T, k.shape[2], scale * LOG2E, keep_scale, threshold,
-            CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=D, PRECISION=_precision(q.dtype),
-            **settings)
+            CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=D, BLOCK_D=block_d(D),
+            PRECISION=_precision(q.dtype), **settings)
     return o, lse
 
 
@@ -477,13 +508,14 @@ def _launch_backward(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, 
     _, dkdv, dq_settings = launch_settings(D, q.dtype, target(q.device))
     keep_scale, threshold = _dropout_args(dropout_p)
     delta = _new_output((B, H, T), torch.float32, q.device)
-    common = dict(CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=D, PRECISION=_precision(q.dtype))
+    common = dict(CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=D, BLOCK_D=block_d(D),
+                  PRECISION=_precision(q.dtype))
     inputs = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     scalars = (H, T, S, scale, scale * LOG2E, keep_scale, threshold)
     with on_device(q):
-        wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(T, 64), B * H)](
+        wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(T, delta_rows(D)), B * H)](
             o, do, delta, *o.stride(), *do.stride(), H, T, 1.0 - dropout_p, HEAD_DIM=D,
-            BLOCK_M=64)
+            BLOCK_D=block_d(D), BLOCK_M=delta_rows(D))
         wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(S, dkdv["BLOCK_N"]), B * H)](
             q, k, v, do, lse, delta, dk, dv, seed, *inputs, *dk.stride(), *scalars, **common,
             **dkdv)
@@ -592,7 +624,7 @@ _attention_qkv_fwd.register_autograd(_backward_packed, setup_context=_setup_cont
 
 
 def _check_device(name: str, t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if t.device.type != "cuda" and not interpreted():
         raise ValueError(f"{name} is on {t.device}: the Triton attention needs CUDA tensors "
                          "(or TRITON_INTERPRET=1 for the CPU interpreter)")
 
@@ -616,14 +648,22 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) 
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"k's batch, heads and head dim must match q's: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
-    if q.shape[3] not in HEAD_DIMS:
-        raise ValueError(f"head dim {q.shape[3]} is not supported; use one of {HEAD_DIMS}")
     if min(q.shape[:3]) < 1 or k.shape[2] < 1:
         raise ValueError(f"q and k must be non-empty, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
-        raise ValueError(f"B * H = {q.shape[0] * q.shape[1]} exceeds {MAX_BATCH_HEADS}")
+    if (reason := unsupported_shape(*q.shape[:2], q.shape[3])) is not None:
+        raise ValueError(reason)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def unsupported_shape(B: int, H: int, D: int) -> str | None:
+    """Why the kernels cannot serve B sequences of H heads of dim D, or None when they can."""
+    if not 1 <= D <= MAX_HEAD_DIM:
+        return f"head dim {D} is not supported (the Triton attention takes 1 to {MAX_HEAD_DIM})"
+    if B * H > MAX_BATCH_HEADS:
+        return (f"batch x heads = {B} x {H} = {B * H} is more than the Triton attention's "
+                f"{MAX_BATCH_HEADS}")
+    return None
 
 
 def _seed_tensor(seed: int | None, device: torch.device) -> torch.Tensor:
@@ -649,10 +689,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               ) -> torch.Tensor:
     """softmax(q k^T * scale, causal mask) with dropout on the weights, @ v; with autograd.
 
-    q: (B, H, T, D), k and v: (B, H, S, D), any strides; D in 16, 32, 64, 128; fp16, bf16 or
-    fp32. With `causal`, query i attends to keys j <= i. `scale` defaults to D**-0.5. The
-    dropout mask comes from `seed` (drawn from torch's generator when None); see
-    `attention_dropout_mask`. Returns (B, H, T, D) in q's dtype.
+    q: (B, H, T, D), k and v: (B, H, S, D), any strides; 1 <= D <= 256 (computed padded to
+    `block_d(D)`); B * H <= 65535; fp16, bf16 or fp32. With `causal`, query i attends to keys
+    j <= i. `scale` defaults to D**-0.5. The dropout mask comes from `seed` (drawn from torch's
+    generator when None); see `attention_dropout_mask`. Returns (B, H, T, D) in q's dtype.
     """
     _check(q, k, v, dropout_p)
     seed_t, scale = _seed_and_scale(q, dropout_p, seed, scale)

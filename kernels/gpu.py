@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,23 @@ SHARED_MEMORY = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 
                  100: 232448, 120: 101376}
 # The least of it among the supported targets: every launch setting fits in this much.
 LEAST_SHARED_MEMORY = min(v for c, v in SHARED_MEMORY.items() if c >= MIN_CAPABILITY)
+
+
+# TRITON_INTERPRET as Triton reads it: these words switch its CPU interpreter on; anything else
+# leaves it off, so a value in neither list is refused rather than guessed at.
+INTERPRET_ON = ("1", "true", "yes", "on", "y")
+INTERPRET_OFF = ("", "0", "false", "no", "off", "n")
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    value = os.environ.get("TRITON_INTERPRET", "")
+    if value.lower() in INTERPRET_ON:
+        return True
+    if value.lower() in INTERPRET_OFF:
+        return False
+    raise ValueError(f"TRITON_INTERPRET={value!r} is neither on ({', '.join(INTERPRET_ON)}) nor "
+                     f"off (unset, {', '.join(INTERPRET_OFF[1:])})")
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,12 @@ update, and the backward computes each row's two sums in a launch of their own.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from .gpu import interpreted
 
 ROW_IN_REGISTERS = 4096  # widest row kept whole in registers (8192 spills on sm_86, 89, 120)
 TILE_N = 4096  # column tile of wider rows
@@ -439,7 +439,7 @@ def _check(x, weight, bias, out_dtype, residual=None) -> None:
     N = x.shape[-1]
     if N == 0 or x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type != "cuda" and not interpreted():
         raise ValueError(f"x is on {x.device}: the Triton LayerNorm needs CUDA tensors "
                          "(or TRITON_INTERPRET=1 for the CPU interpreter)")
     if out_dtype is not None and out_dtype not in floats:

@@ -94,6 +94,21 @@ def test_shapes_strides_and_head_dim_128(B, H, T, S, D, causal, strided):
     _assert_within_rule(ours, _run(torch_fn, q, k, v, do), exact, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [8, 24, 40, 48, 80, 96, 256])
+def test_any_head_dim(D, dtype):
+    """Head dims that are not a power of two (or below 16) run padded: the padding is read as
+    zeros and never written, so every element of the output and gradients is checked."""
+    B, H, T = 1, 2, 37
+    q, k, v = _qkv(B, H, T, T, D, dtype)
+    do = torch.randn(B, H, T, D, device=DEVICE, dtype=dtype)
+    ours = _run(lambda q, k, v: attention(q, k, v), q, k, v, do)
+    torch_lp = _run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                    q, k, v, do)
+    exact = _run(lambda q, k, v: attention_reference(q, k, v, upcast=torch.float64), q, k, v, do)
+    _assert_within_rule(ours, torch_lp, exact, dtype)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_keeps_the_right_fraction(p):
     mask = attention_dropout_mask(4, 4, 256, 256, p, seed=torch.randint(0, 2**40, ()).item(),
@@ -139,6 +154,14 @@ def test_dropout_matches_reference_with_its_mask(T, causal):
     _assert_dropout_matches_its_mask(q, k, v, do, 0.2, causal)
 
 
+@pytest.mark.parametrize("D", [24, 200])
+def test_padded_head_dim_with_dropout_and_a_longer_key_cache(D):
+    """Decoding's shape, T new queries against S > T cached keys (not causal), with dropout."""
+    q, k, v = _qkv(2, 1, 5, 70, D, torch.float32)
+    do = torch.randn(2, 1, 5, D, device=DEVICE)
+    _assert_dropout_matches_its_mask(q, k, v, do, 0.3, causal=False)
+
+
 def test_dropout_seeds():
     q, k, v = _qkv(1, 2, 64, 64, 16, torch.float32)
     a = attention(q, k, v, dropout_p=0.5, seed=1)
@@ -155,7 +178,7 @@ def test_dropout_seeds():
 @pytest.mark.parametrize(
     "shapes,kwargs,error,match",
     [
-        (((1, 1, 8, 24),) * 3, {}, ValueError, "head dim 24"),
+        (((1, 1, 8, 257),) * 3, {}, ValueError, "head dim 257 is not supported"),
         (((1, 1, 8, 16), (1, 1, 8, 16), (1, 1, 9, 16)), {}, ValueError, "same shape"),
         (((1, 2, 8, 16), (1, 1, 8, 16), (1, 1, 8, 16)), {}, ValueError, "must match q"),
         (((8, 16), (8, 16), (8, 16)), {}, ValueError, r"\(B, H, T, D\)"),

@@ -27,8 +27,9 @@ def twin_models(cfg):
     return fast, slow
 
 
-def test_logits_and_every_gradient_match():
-    fast, slow = twin_models(tiny())
+@pytest.mark.parametrize("n_embd,n_head", [(32, 2), (48, 2), (96, 2)], ids=["D16", "D24", "D48"])
+def test_logits_and_every_gradient_match(n_embd, n_head):
+    fast, slow = twin_models(tiny(n_embd=n_embd, n_head=n_head))
     idx, targets = torch.randint(0, 37, (2, 3, 29), device=DEVICE)
     logits_f, loss_f = fast(idx, targets)
     logits_s, loss_s = slow(idx, targets)

@@ -38,9 +38,10 @@ def test_model_kernels_compile_for_every_target_without_spills(tmp_path):
     (report,) = tmp_path.glob("compile-sm80-86-89-90-*.md")
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
             for line in report.read_text().splitlines() if line.startswith("| sm_")]
-    # per target: 12 attention kernels (fwd, dK/dV, dQ at D 64 and 128, +- dropout); 6 LayerNorm
-    # (add+LayerNorm fwd and bwd at N=384 and in column tiles, the tiles' row sums, dw/db sum)
-    assert len(rows) == 18 * len(ARCHS)
+    # per target: 14 attention kernels (fwd, dK/dV, dQ at D 64 and 128, +- dropout; delta at
+    # both); 6 LayerNorm (add+LayerNorm fwd and bwd at N=384 and in column tiles, the tiles' row
+    # sums, dw/db sum)
+    assert len(rows) == 20 * len(ARCHS)
     for (target, kernel, _launch, registers, spilled, shared, fits, instructions, ratio,
          before, before_ratio) in rows:
         name = f"{target} {kernel}"
@@ -48,7 +49,7 @@ def test_model_kernels_compile_for_every_target_without_spills(tmp_path):
         assert 0 < int(registers) <= 255 and int(instructions) > 0, name
         used, limit = map(int, shared.split(" / "))
         assert used <= limit == SHARED_MEMORY[int(target[3:])], name
-        if "attention" in kernel:  # the baseline holds sm_90's attention kernels
+        if "attention" in kernel and "delta" not in kernel:  # the baseline: sm_90's fwd/bwd
             assert bool(before) == (target == "sm_90"), name
         if "dropout" in kernel:
             assert float(ratio.rstrip("x")) <= MAX_DROPOUT_COST, name
@@ -58,7 +59,7 @@ def test_model_kernels_compile_for_every_target_without_spills(tmp_path):
 
 @pytest.mark.parametrize("capability", sorted(c for c in SHARED_MEMORY if c >= MIN_CAPABILITY))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("D", attention.HEAD_DIMS)
+@pytest.mark.parametrize("D", [16, 32, 64, 128, 256])
 def test_launch_settings_suit_the_kernels(capability, dtype, D):
     """Tiles of 16 or more (the dropout mask is drawn in 16 x 16 blocks) that nest on the causal
     diagonal: forward and dQ BLOCK_M a multiple of BLOCK_N, dK/dV the other way round."""
@@ -68,6 +69,15 @@ def test_launch_settings_suit_the_kernels(capability, dtype, D):
         assert s["BLOCK_M"] % 16 == 0 and s["BLOCK_N"] % 16 == 0 and s["num_warps"] in (4, 8)
     assert fwd["BLOCK_M"] % fwd["BLOCK_N"] == 0 and dq["BLOCK_M"] % dq["BLOCK_N"] == 0
     assert dkdv["BLOCK_N"] % dkdv["BLOCK_M"] == 0
+
+
+def test_head_dims_share_the_settings_of_their_padded_width():
+    target = Target(90, SHARED_MEMORY[90])
+    for D, padded in ((1, 16), (8, 16), (17, 32), (48, 64), (96, 128), (129, 256), (256, 256)):
+        assert attention.block_d(D) == padded
+        for dtype in (torch.bfloat16, torch.float32):
+            assert (attention.launch_settings(D, dtype, target)
+                    == attention.launch_settings(padded, dtype, target))
 
 
 def test_launch_settings_pipeline_less_with_less_shared_memory():

@@ -1,6 +1,7 @@
 """The two pure-PyTorch backends agree, forward and backward, and dispatch picks the right one."""
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -124,5 +125,14 @@ def test_gpus_before_ampere_use_the_torch_backend(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     assert ops.resolve_backend("auto", "cuda:0") == "triton"
     assert ops.resolve_backend("triton", "cuda:0") == "triton"
+    # A model whose attention the kernels cannot take: auto runs it on torch, triton refuses it.
+    for shape in (ops.AttentionShape(8, 6, 48), ops.AttentionShape(64, 8, 256)):
+        assert ops.resolve_backend("auto", "cuda:0", shape) == "triton"
+    for shape, why in ((ops.AttentionShape(8, 2, 300), "head dim 300 is not supported"),
+                       (ops.AttentionShape(40000, 2, 64), "batch x heads = 40000 x 2")):
+        with pytest.warns(UserWarning, match=f"{re.escape(why)}.*using the torch backend"):
+            assert ops.resolve_backend("auto", "cuda:0", shape) == "torch"
+        with pytest.raises(UserError, match=f"{re.escape(why)}.*--backend torch"):
+            ops.resolve_backend("triton", "cuda:0", shape)
     assert ops.precision(torch.device("cuda:0"))[0] == torch.bfloat16
     assert ops.precision(torch.device("cpu")) == (None, "fp32")

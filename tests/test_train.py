@@ -244,6 +244,93 @@ def test_forced_triton_backend_that_cannot_run(tmp_path, capsys, corpus_path, mo
     _one_line_error(rc, err, "backend 'triton' needs a CUDA device")
 
 
+# Inputs a new user tries: each is refused before training, in one line, with nothing written.
+BAD_INPUTS = {
+    "head dim no kernel serves": (["--backend", "triton", "--n-embd", "600", "--n-head", "2"],
+                                  {}, "head dim 300 is not supported"),
+    "batch that cannot fit": (["--batch-size", "10000000"], {}, "lower --batch-size (10000000)"),
+    "model that cannot fit": (["--n-embd", "100000"], {}, "--n-embd (100000)"),
+    "meta device": (["--device", "meta"], {}, "device 'meta' is not supported"),
+    "xpu device": (["--device", "xpu"], {}, "use auto, cpu, cuda, cuda:N or mps"),
+    "beta2 nan": (["--beta2", "nan"], {}, "beta2 must be a finite number"),
+    "beta1 above 1": (["--beta1", "1.5"], {}, "beta1 must be in [0, 1)"),
+    "TINYGPT_BACKEND": ([], {"TINYGPT_BACKEND": "fast"}, "TINYGPT_BACKEND: unknown backend"),
+    "TRITON_INTERPRET": (["--backend", "triton"], {"TRITON_INTERPRET": "maybe"},
+                         "TRITON_INTERPRET='maybe' is neither on"),
+    "RANK not a number": ([], {"RANK": "first", "WORLD_SIZE": "2"}, "RANK='first' is not an"),
+    "RANK past WORLD_SIZE": ([], {"RANK": "3", "WORLD_SIZE": "2"}, "do not describe a process"),
+}
+
+
+@pytest.mark.parametrize("argv,env,needle", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_refused_before_training(tmp_path, capsys, corpus_path, monkeypatch, argv,
+                                              env, needle):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
+                         *(["--device", "cpu"] if "--device" not in argv else []), *argv,
+                         "--out-dir", str(out))
+    _one_line_error(rc, err, needle)
+    assert not out.exists()
+
+
+def test_cache_path_that_is_a_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "cache").write_text("not a directory")
+    monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / "cache"))
+    rc, _, err = run_cli(capsys, "train", "--device", "cpu", "--out-dir", str(tmp_path / "out"))
+    _one_line_error(rc, err, "(from TINYGPT_CACHE) is not a directory")
+
+
+def _out_of_memory(*args, **kwargs):
+    raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                       "51539607552 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_out_of_memory_in_the_first_step_writes_nothing(tmp_path, capsys, corpus_path,
+                                                        monkeypatch):
+    """The step is tried on a batch of zeros before the first evaluation writes checkpoints."""
+    monkeypatch.setattr("tinygpt.model.GPT.forward", _out_of_memory)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
+                         "--device", "cpu", "--out-dir", str(out))
+    assert err.startswith("tinygpt: gpt")  # the start line, then the error
+    _one_line_error(rc, err.strip().splitlines()[-1] + "\n",
+                    "out of memory on cpu while trying a training step; lower --batch-size (12) "
+                    "or --block-size (64), or the model's --n-layer (4) or --n-embd (128) "
+                    "(nothing was written)")
+    assert not out.exists()
+
+
+def test_out_of_memory_later_keeps_the_checkpoints(tmp_path, capsys, corpus_path, monkeypatch):
+    from tinygpt.train import _Run
+
+    real_step, steps = _Run.step, []
+
+    def third_step_fails(self, it):
+        steps.append(it)
+        return _out_of_memory() if len(steps) == 3 else real_step(self, it)
+
+    monkeypatch.setattr(_Run, "step", third_step_fails)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
+                         "--device", "cpu", "--n-layer", "1", "--n-embd", "16", "--eval-iters",
+                         "1", "--out-dir", str(out))
+    _one_line_error(rc, err.strip().splitlines()[-1] + "\n", "while training step 3; lower")
+    assert f"the checkpoints in {out}/ are kept" in err
+    assert load_checkpoint(out / "last.pt")["iteration"] == 0
+
+
+def test_checkpoint_vocabulary_must_match_its_embedding(tmp_path, capsys, corpus_path):
+    tiny_run(tmp_path, corpus_path, max_iters=1, eval_interval=1)
+    path = tmp_path / "out" / "best.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["vocab"] = ckpt["vocab"][:-1]  # one character short of the embedding's rows
+    torch.save(ckpt, path)
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", str(path), "--device", "cpu")
+    _one_line_error(rc, err, "characters in its vocabulary but a model built for")
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_finishes_the_step_saves_and_exits(tmp_path, corpus_path, sig, code):
     """Through `python -m tinygpt`, as a user's Ctrl-C or a scheduler's SIGTERM would arrive."""

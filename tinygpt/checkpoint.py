@@ -73,6 +73,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             cls(**ckpt[key])
         except TypeError as e:
             raise UserError(f"checkpoint {path} has an unreadable {key} ({e})") from e
+    vocab, vocab_size = ckpt["vocab"], ModelConfig(**ckpt["model_config"]).vocab_size
+    if not isinstance(vocab, str) or len(set(vocab)) != len(vocab):
+        raise UserError(f"checkpoint {path} has a malformed vocabulary (not a string of distinct "
+                        "characters)")
+    if len(vocab) != vocab_size:
+        raise UserError(f"checkpoint {path} has {len(vocab)} characters in its vocabulary but a "
+                        f"model built for {vocab_size}")
     return ckpt
 
 

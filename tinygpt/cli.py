@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -132,7 +131,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, restore
     from .data import Tokenizer
     from .generate import generate
-    from .model import build_model
+    from .model import attention_shape, build_model
     from .train import pick_device
 
     if args.max_new_tokens < 0 or args.num_samples < 1:
@@ -150,8 +149,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     tokenizer = Tokenizer(ckpt["vocab"])
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
-    backend = ops.resolve_backend(args.backend, device)
-    model = build_model(ModelConfig(**ckpt["model_config"]), backend)
+    model_cfg = ModelConfig(**ckpt["model_config"])
+    backend = ops.resolve_backend(args.backend, device, attention_shape(model_cfg, 1))
+    model = build_model(model_cfg, backend)
     restore(model, ckpt["model"], path)
     model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -170,13 +170,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speaks() -> bool:
+    """Under torchrun, rank 0 speaks for all; a process with a broken RANK speaks for itself."""
+    from .distributed import from_environment
+
+    try:
+        return from_environment().is_main
+    except UserError:
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one rank speaks for all
+        if _speaks():
             if args.debug:
                 traceback.print_exc()
             print(f"tinygpt: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ a preset is only a set of defaults and any field can be overridden (`--n-layer 4
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -14,6 +15,14 @@ from .errors import UserError
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _check_finite(config) -> None:
+    """Every float field a finite number: nan and inf pass most range checks unnoticed."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{f.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -28,6 +37,7 @@ class ModelConfig:
     bias: bool = _f(False, "biases in Linear and LayerNorm layers")
 
     def validate(self) -> None:
+        _check_finite(self)
         if self.block_size < 1:
             raise UserError(f"block_size must be at least 1, got {self.block_size}")
         if not 0.0 <= self.dropout < 1.0:
@@ -67,6 +77,7 @@ class TrainConfig:
     out_dir: str = _f("out", "directory for checkpoints")
 
     def validate(self) -> None:
+        _check_finite(self)
         if self.batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.grad_accum < 1:
@@ -78,6 +89,9 @@ class TrainConfig:
                             f"min_lr={self.min_lr}")
         if self.eval_interval < 1 or self.eval_iters < 1:
             raise UserError("eval_interval and eval_iters must be at least 1")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 PRESETS: dict[str, dict] = {

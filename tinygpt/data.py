@@ -22,16 +22,28 @@ TRAIN_FRACTION = 0.9
 
 
 def cache_dir() -> Path:
-    """Where downloads live: $TINYGPT_CACHE, else the platform's user cache directory."""
+    """Where downloads live: $TINYGPT_CACHE, else the platform's user cache directory
+    ($XDG_CACHE_HOME only when absolute, as the XDG spec says)."""
     if env := os.environ.get("TINYGPT_CACHE"):
-        return Path(env)
+        return Path(env).expanduser()
     if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
     elif sys.platform == "darwin":
         base = Path.home() / "Library" / "Caches"
     else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        xdg = Path(os.environ.get("XDG_CACHE_HOME", ""))
+        base = xdg if xdg.is_absolute() else Path.home() / ".cache"
     return base / "tinygpt"
+
+
+def _unusable_cache(directory: Path, e: OSError) -> UserError:
+    named = " (from TINYGPT_CACHE)" if os.environ.get("TINYGPT_CACHE") else ""
+    if directory.exists() and not directory.is_dir():
+        problem = "is not a directory"
+    else:
+        problem = f"cannot be written ({e.strerror or e})"
+    return UserError(f"cache directory {directory}{named} {problem}; set TINYGPT_CACHE to a "
+                     "writable directory, or pass a text file with --data FILE")
 
 
 def _sha256(path: Path) -> str:
@@ -47,9 +59,12 @@ def default_corpus() -> Path:
     path = cache_dir() / "tinyshakespeare.txt"
     if path.is_file() and _sha256(path) == SHAKESPEARE_SHA256:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".download-")
+    except OSError as e:
+        raise _unusable_cache(path.parent, e) from e
     print(f"downloading tiny Shakespeare to {path}", file=sys.stderr)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".download-")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
             out.write(r.read())

@@ -206,6 +206,13 @@ class KVCache:
         self.length = 0
 
 
+def attention_shape(config: ModelConfig, batch_size: int) -> ops.AttentionShape | None:
+    """The attention a batch of `batch_size` sequences runs through (None: the model has none)."""
+    if config.model == "bigram":
+        return None
+    return ops.AttentionShape(batch_size, config.n_head, config.n_embd // config.n_head)
+
+
 def build_model(config: ModelConfig, backend: str = "torch") -> LanguageModel:
     if config.model == "bigram":
         return BigramLanguageModel(config)

@@ -4,8 +4,8 @@ Backends:
   reference  the explicit math in `tinygpt.kernels.reference` (the truth tests compare against);
   torch      PyTorch built-ins (`scaled_dot_product_attention`, `layer_norm`), for cpu and mps;
   triton     the fused kernels in `tinygpt.kernels`, for CUDA (or the CPU under TRITON_INTERPRET=1);
-  auto       triton on CUDA when triton imports and the GPU is Ampere (sm_80) or newer, torch
-             otherwise (saying why, once).
+  auto       triton on CUDA when triton imports, the GPU is Ampere (sm_80) or newer and the kernels
+             take the model's attention shape; torch otherwise (saying why, once).
 
 `$TINYGPT_BACKEND` replaces `auto` with a fixed choice. `precision` picks the autocast dtype for
 a device. Nothing else in tinygpt branches on the device or the backend.
@@ -16,12 +16,13 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from tinygpt import kernels
-from tinygpt.kernels.gpu import unsupported_reason
+from tinygpt.kernels.gpu import interpreted, unsupported_reason
 from tinygpt.kernels.reference import attention_reference, layer_norm_reference
 
 from .errors import UserError
@@ -29,17 +30,32 @@ from .errors import UserError
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
+class AttentionShape(NamedTuple):
+    """The largest attention call a model makes: batch, heads, head dim."""
+
+    batch: int
+    heads: int
+    head_dim: int
+
+
 def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    try:
+        return interpreted()
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
-def resolve_backend(requested: str, device: torch.device | str) -> str:
-    """The concrete backend for `requested` on `device`; raises UserError if it cannot run."""
+def resolve_backend(requested: str, device: torch.device | str,
+                    shape: AttentionShape | None = None) -> str:
+    """The concrete backend for `requested` on `device` and attention of `shape` (None: the
+    model has no attention); raises UserError if it cannot run."""
     device = torch.device(device)
-    if requested == "auto":
-        requested = os.environ.get("TINYGPT_BACKEND", "auto")
+    source = "--backend"
+    if requested == "auto" and (env := os.environ.get("TINYGPT_BACKEND")):
+        requested, source = env, "TINYGPT_BACKEND"
     if requested not in BACKENDS:
-        raise UserError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
+        raise UserError(f"{source}: unknown backend {requested!r}; choose one of: "
+                        f"{', '.join(BACKENDS)}")
     if requested == "auto":
         if device.type != "cuda":
             return "torch"
@@ -47,6 +63,9 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
             _warn_once(f"triton is not usable ({err}); falling back to the torch backend")
             return "torch"
         if (reason := unsupported_reason(device)) is not None:
+            _warn_once(f"{reason}; using the torch backend")
+            return "torch"
+        if shape is not None and (reason := kernels.unsupported_shape(*shape)) is not None:
             _warn_once(f"{reason}; using the torch backend")
             return "torch"
         return "triton"
@@ -59,6 +78,8 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
         if (err := kernels.TRITON_IMPORT_ERROR) is not None:
             raise UserError(f"backend 'triton' is not usable here: {err}")
         if device.type == "cuda" and (reason := unsupported_reason(device)) is not None:
+            raise UserError(f"backend 'triton': {reason}; use --backend torch")
+        if shape is not None and (reason := kernels.unsupported_shape(*shape)) is not None:
             raise UserError(f"backend 'triton': {reason}; use --backend torch")
     return requested
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, ops
+from . import distributed, memory, ops
 from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import ModelConfig, TrainConfig, from_preset
 from .data import Batches, Tokenizer, default_corpus, read_text
 from .errors import UserError
-from .model import LanguageModel, build_model
+from .model import LanguageModel, attention_shape, build_model
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -40,7 +42,9 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
+        raise UserError(f"unknown device {name!r}; use {DEVICES}") from e
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {name!r} is not supported; use {DEVICES}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA device is available")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -226,19 +230,27 @@ class _Run:
         self.ctx, self.device, self.model_cfg, self.cfg = ctx, device, model_cfg, cfg
         self.tokenizer, self.log_interval = tokenizer, log_interval
         self.out_dir = Path(cfg.out_dir)
-        backend = ops.resolve_backend(cfg.backend, device)
+        self.wrote = ckpt is not None  # whether out_dir holds this run's checkpoints
+        backend = ops.resolve_backend(cfg.backend, device,
+                                      attention_shape(model_cfg, cfg.batch_size))
         if cfg.compile and backend == "triton" and device.type != "cuda":
             raise UserError("--compile with the triton backend needs CUDA: the Triton interpreter "
                             "cannot be traced")
         self.amp_dtype, amp_words = ops.precision(device)
+        with torch.device("meta"):  # the parameter count, without allocating
+            num_params = build_model(model_cfg, backend).num_params()
+        memory.check_fits(device, model_cfg, num_params, cfg.batch_size, len(text),
+                          self.amp_dtype is not None)
         # Micro-batch m of every step comes from data stream m; rank r owns a contiguous share of
         # the streams, so the global batch does not depend on the number of processes.
         per_rank = cfg.grad_accum // ctx.world_size
         self.streams = range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
-        self.batches = Batches(text, tokenizer, model_cfg.block_size, cfg.batch_size, device,
-                               cfg.seed, self.streams)
+        with self._out_of_memory_reported("copying the corpus to it"):
+            self.batches = Batches(text, tokenizer, model_cfg.block_size, cfg.batch_size, device,
+                                   cfg.seed, self.streams)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = build_model(model_cfg, backend).to(device)
+        with self._out_of_memory_reported("building the model"):
+            self.model = build_model(model_cfg, backend).to(device)
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout: a different stream on every rank
@@ -247,10 +259,6 @@ class _Run:
         if ckpt is not None:
             self._restore(ckpt, ckpt_path)
         self.eval_model = torch.compile(self.model) if cfg.compile else self.model
-        self.step_model = self.eval_model
-        if ctx.enabled:
-            self.step_model = torch.nn.parallel.DistributedDataParallel(
-                self.eval_model, device_ids=[device.index] if device.type == "cuda" else None)
         self.tokens_per_iter = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
         self.progress = Progress(cfg.max_iters, self.tokens_per_iter, enabled=ctx.is_main)
         self.progress.message(
@@ -259,6 +267,31 @@ class _Run:
             f"({amp_words}) | backend {backend}{' + compile' if cfg.compile else ''}"
             + (f" | {ctx.world_size} processes" if ctx.enabled else "")
             + (f" | resuming at iteration {self.start_iter}" if ckpt is not None else ""))
+        with self._out_of_memory_reported("trying a training step"):
+            self._try_step()
+        self.step_model = self.eval_model
+        if ctx.enabled:
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.eval_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def _out_of_memory_reported(self, doing: str):
+        kept = (f"the checkpoints in {self.out_dir}/ are kept" if self.wrote
+                else "nothing was written")
+        return memory.reported(self.device, doing, self.model_cfg, self.cfg.batch_size, kept)
+
+    def _try_step(self) -> None:
+        """A forward and backward pass on a batch of zeros before anything is written, so that a
+        batch too large for the device fails here. Weights, gradients and every random stream
+        are left as they were."""
+        shape = (self.cfg.batch_size, self.model_cfg.block_size)
+        x = torch.zeros(shape, dtype=torch.long, device=self.device)  # (B, T)
+        accelerator = self.device.type != "cpu"
+        with torch.random.fork_rng([self.device] if accelerator else [],
+                                   device_type=self.device.type if accelerator else "cuda"):
+            with self.autocast():
+                _, loss = self.eval_model(x, x)
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _restore(self, ckpt: dict, path: Path) -> None:
         missing = sorted({"optimizer", "rng", "best_val_loss", "evaluated"} - ckpt.keys())
@@ -324,6 +357,7 @@ class _Run:
         if improved:
             save_checkpoint(self.out_dir / "best.pt", payload)
         save_checkpoint(self.out_dir / "last.pt", payload)
+        self.wrote = True
         return {"iter": it, **losses, "seconds": time.perf_counter() - t0}
 
     def step(self, it: int) -> torch.Tensor:
@@ -357,11 +391,14 @@ class _Run:
             while True:
                 at_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
                 if at_eval and not (self.skip_first_eval and it == self.start_iter):
-                    if (entry := self.evaluate(it, t0)) is not None:
+                    with self._out_of_memory_reported(f"evaluating at step {it}"):
+                        entry = self.evaluate(it, t0)
+                    if entry is not None:
                         history.append(entry)
                 if it >= cfg.max_iters:
                     break
-                loss = self.step(it)
+                with self._out_of_memory_reported(f"training step {it + 1}"):
+                    loss = self.step(it)
                 it += 1
                 at_log = it % self.log_interval == 0 or it == cfg.max_iters
                 if at_log:

@@ -1,0 +1,92 @@
+"""Will a training run fit in the device's memory: a lower bound of what it needs, what the device
+has free, and out-of-memory errors turned into one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+
+BYTES_PER_PARAM = 16  # fp32 weight, gradient and AdamW's two moments
+# Values per token and layer that a pre-norm block keeps for its backward pass, in units of
+# n_embd, counted low: the two LayerNorm inputs (2), their outputs (2), q, k, v (3), the attention
+# output and its merged heads (2), the MLP's hidden layer before and after GELU (8) make 17.
+SAVED_PER_TOKEN_LAYER = 12
+GIB = 2**30
+
+
+def training_bytes(cfg: ModelConfig, num_params: int, batch_size: int, corpus_chars: int,
+                   autocast: bool) -> int:
+    """At least this many bytes train `cfg` on batches of `batch_size`: parameters with their
+    gradients and optimizer state, the activations one micro-batch keeps for backward (2 bytes
+    a value under autocast, else 4), its fp32 logits, and the corpus on the device (int64)."""
+    tokens = batch_size * cfg.block_size
+    value = 2 if autocast else 4
+    activations = 0
+    if cfg.model == "gpt":
+        activations = tokens * cfg.n_layer * cfg.n_embd * SAVED_PER_TOKEN_LAYER * value
+    logits = tokens * cfg.vocab_size * 4
+    return num_params * BYTES_PER_PARAM + activations + logits + corpus_chars * 8
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for new allocations on `device`, or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    meminfo = Path("/proc/meminfo")  # Linux; elsewhere the CPU is not checked up front
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(x for x in meminfo.read_text().splitlines() if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, the CPU and MPS allocators' RuntimeErrors, Python's MemoryError."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text
+                                            or "can't allocate memory" in text)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:,.1f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M"
+
+
+def advice(cfg: ModelConfig, batch_size: int) -> str:
+    shrink = f"lower --batch-size ({batch_size}) or --block-size ({cfg.block_size})"
+    if cfg.model == "gpt":
+        shrink += f", or the model's --n-layer ({cfg.n_layer}) or --n-embd ({cfg.n_embd})"
+    return shrink
+
+
+def check_fits(device: torch.device, cfg: ModelConfig, num_params: int, batch_size: int,
+               corpus_chars: int, autocast: bool) -> None:
+    """Refuse, before anything is allocated, a run that cannot fit in what `device` has free."""
+    need = training_bytes(cfg, num_params, batch_size, corpus_chars, autocast)
+    free = free_bytes(device)
+    if free is not None and need > free:
+        raise UserError(
+            f"training needs at least {need / GIB:,.1f} GiB ({_count(num_params)} parameters, "
+            f"batches of {batch_size} x {cfg.block_size} characters) but {device} has "
+            f"{free / GIB:,.1f} GiB free; {advice(cfg, batch_size)}")
+
+
+@contextlib.contextmanager
+def reported(device: torch.device, doing: str, cfg: ModelConfig, batch_size: int, kept: str):
+    """Turn running out of memory on `device` while `doing` into one UserError line that says
+    what to lower and what happened to the checkpoints (`kept`)."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"out of memory on {device} while {doing}; {advice(cfg, batch_size)} "
+                        f"({kept})") from e
