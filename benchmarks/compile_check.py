@@ -105,12 +105,6 @@ def attention_cases(quick: bool, arch: int, head_dims: list[int] | None):
                       PRECISION=attention._precision(dtype))
         case = f"{t} D={D} {'causal' if causal else 'full'}{' dropout' if dropout else ''}"
         fwd, dkdv, dq = attention.launch_settings(D, dtype, target)
-        if causal == causals[0] and not dropout:  # the delta kernel has neither
-            rows = dict(BLOCK_D=attention.block_d(D), BLOCK_M=attention.delta_rows(D))
-            yield (f"attention delta, {t} D={D}", attention._attn_bwd_delta_kernel,
-                   dict(O=f"*{t}", DO=f"*{t}", Delta="*fp32"),
-                   [f"stride_{n}{d}" for n in ("o", "do") for d in "bhtd"] + ["H", "T"],
-                   ["keep_prob"], dict(HEAD_DIM=D, **rows), dict(num_warps=4))
         yield (f"attention fwd, {case}", attention._attn_fwd_kernel,
                dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", O=f"*{t}", LSE="*fp32", Seed="*i64"),
                strides("q", "k", "v", "o") + ["H", "T", "S", "threshold"],
@@ -126,6 +120,12 @@ def attention_cases(quick: bool, arch: int, head_dims: list[int] | None):
         yield (f"attention dQ, {case}", attention._attn_bwd_dq_kernel, {**ptrs, "DQ": f"*{t}"},
                strides("q", "k", "v", "do", "dq") + scalars, floats, {**common, **_blocks(dq)},
                dq)
+    for dtype, D in itertools.product(dtypes, head_dims):  # delta: no causal, no dropout
+        t = TRITON_TYPES[dtype]
+        yield (f"attention delta, {t} D={D}", attention._attn_bwd_delta_kernel,
+               dict(O=f"*{t}", DO=f"*{t}", Delta="*fp32"), strides("o", "do") + ["H", "T"],
+               ["keep_prob"], dict(HEAD_DIM=D, BLOCK_D=attention.block_d(D),
+                                   BLOCK_M=attention.delta_rows(D)), dict(num_warps=4))
 
 
 def layernorm_cases(quick: bool, arch: int):

@@ -68,12 +68,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"checkpoint {path} has format version {ckpt['format_version']}, newer than this "
             f"tinygpt understands ({FORMAT_VERSION}); upgrade tinygpt"
         )
+    configs = {}
     for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
         try:
-            cls(**ckpt[key])
+            configs[key] = cls(**ckpt[key])
         except TypeError as e:
             raise UserError(f"checkpoint {path} has an unreadable {key} ({e})") from e
-    vocab, vocab_size = ckpt["vocab"], ModelConfig(**ckpt["model_config"]).vocab_size
+    vocab, vocab_size = ckpt["vocab"], configs["model_config"].vocab_size
     if not isinstance(vocab, str) or len(set(vocab)) != len(vocab):
         raise UserError(f"checkpoint {path} has a malformed vocabulary (not a string of distinct "
                         "characters)")
