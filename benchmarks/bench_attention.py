@@ -46,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmarks.report import (
     CUDA,
     Timing,
+    assert_finite,
     environment,
     peak_mib,
     plot,
@@ -125,13 +126,20 @@ def providers() -> list[Provider]:
 
 
 def make_case(B, H, T, D, dtype, mode, fn, dropout_p=0.0):
-    """(step, tensors whose .grad to reset) for one provider's fn."""
+    """(step, tensors whose .grad to reset) for one provider's fn, on seeded random inputs."""
+    torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, device=DEVICE, dtype=dtype, requires_grad=mode != "fwd")
                for _ in range(3))
     if mode == "fwd":
         return (lambda: fn(q, k, v, dropout_p)), None
     do = torch.randn(B, H, T, D, device=DEVICE, dtype=dtype)
-    return (lambda: fn(q, k, v, dropout_p).backward(do)), [q, k, v]
+
+    def step():
+        out = fn(q, k, v, dropout_p)
+        out.backward(do)
+        return out
+
+    return step, [q, k, v]
 
 
 def flops(B, H, T, D, mode) -> float:
@@ -251,21 +259,24 @@ def measure(label: str, shape: dict, dtype_name: str, p: float, mode: str, found
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", [p for p in providers() if p.missing is None
-                                      and (CUDA or p.make is not _flex)], ids=lambda p: p.name)
+@pytest.mark.parametrize("provider", providers(), ids=lambda p: p.name)
 def test_attention_model_shape(benchmark, provider, mode):
+    if provider.missing is not None:
+        pytest.skip(provider.missing)
+    if provider.make is _flex and not CUDA:
+        pytest.skip("flex_attention is timed on CUDA only")
     shape = MODEL if CUDA else CPU_MODEL
     dtype = torch.bfloat16 if CUDA else torch.float32
     step, grads = make_case(**shape, dtype=dtype, mode=mode, fn=provider.make(shape))
     run = synchronized(step, grads)
     try:
         run()  # compile (Triton JIT, torch.compile) outside the timed rounds
-    except Exception as e:  # a competitor refusing the case (flex_attention's CPU backward)
+    except Exception as e:  # a competitor refusing the case
         if provider.name == "triton":
             raise
         pytest.skip(skip_reason(e))
     benchmark.extra_info.update(shape=shape, dtype=str(dtype), device=DEVICE)
-    benchmark(run)
+    assert_finite(benchmark(run), [shape[k] for k in "BHTD"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,7 +50,9 @@ def test_generate_100_chars(benchmark, cache):
     model = make_model("cpu-baby")
     prompt = torch.zeros((1, 1), dtype=torch.long, device=DEVICE)
     benchmark.extra_info.update(preset="cpu-baby", device=str(DEVICE), new_chars=100)
-    benchmark.pedantic(lambda: generate(model, prompt, 100, cache=cache), rounds=3, iterations=1)
+    out = benchmark.pedantic(lambda: generate(model, prompt, 100, cache=cache), rounds=3,
+                             iterations=1)
+    assert out.shape == (1, 101) and 0 <= out.min() and out.max() < model.config.vocab_size
 
 
 def main() -> None:

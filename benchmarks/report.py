@@ -118,15 +118,23 @@ def release_memory() -> None:
 
 
 def synchronized(step, grad_to_none=None):
-    """step() followed by a CUDA sync and gradients reset: one timed call for pytest-benchmark."""
+    """step() followed by a CUDA sync and gradients reset: one timed call for pytest-benchmark,
+    which hands back what step returned."""
     def run():
-        step()
+        out = step()
         for t in grad_to_none or ():
             t.grad = None
         if CUDA:
             torch.cuda.synchronize()
+        return out
 
     return run
+
+
+def assert_finite(out, shape) -> None:
+    """A pytest-benchmark entry's check of what it timed: every output tensor of `shape`, finite."""
+    for t in out if isinstance(out, tuple) else (out,):
+        assert tuple(t.shape) == tuple(shape) and torch.isfinite(t).all(), t
 
 
 @dataclasses.dataclass

@@ -183,6 +183,8 @@ def test_dropout_seeds():
         (((1, 2, 8, 16), (1, 1, 8, 16), (1, 1, 8, 16)), {}, ValueError, "must match q"),
         (((8, 16), (8, 16), (8, 16)), {}, ValueError, r"\(B, H, T, D\)"),
         (((1, 1, 8, 16),) * 3, {"dropout_p": 1.0}, ValueError, "dropout_p"),
+        (((1, 1, 8, 16),) * 3, {"dropout_p": -0.1}, ValueError, r"in \[0, 1\), got -0.1"),
+        (((256, 256, 1, 16),) * 3, {}, ValueError, "batch x heads = 256 x 256"),
         (((1, 1, 0, 16),) * 3, {}, ValueError, "non-empty"),
     ],
 )
@@ -190,6 +192,19 @@ def test_misuse_is_named(shapes, kwargs, error, match):
     q, k, v = (torch.randn(s, device=DEVICE) for s in shapes)
     with pytest.raises(error, match=match):
         attention(q, k, v, **kwargs)
+
+
+@pytest.mark.skipif(not CUDA, reason="tf32 exists on CUDA only")
+def test_float32_is_not_rounded_to_tf32():
+    """fp32 inputs take full-precision dots (input_precision "ieee"); tf32's 10-bit mantissa
+    would leave errors near 1e-3 of the largest value in the output and every gradient."""
+    q, k, v = _qkv(2, 2, 256, 256, 64, torch.float32)
+    do = torch.randn_like(q)
+    ours = _run(lambda q, k, v: attention(q, k, v), q, k, v, do)
+    exact = _run(lambda q, k, v: attention_reference(q, k, v, upcast=torch.float64), q, k, v, do)
+    for name, o, e in zip(("out", "dq", "dk", "dv"), ours, exact):
+        err = (o.double() - e.double()).abs().max().item()
+        assert err <= 2e-5 * e.abs().max().item(), f"{name}: {err:.3g}"
 
 
 def test_mixed_dtypes_and_devices_are_named():
@@ -218,12 +233,16 @@ def test_registered_op_passes_opcheck():
 
 
 def test_torch_compile_traces_without_graph_break():
+    """fullgraph=True fails on a graph break; the compiled call computes the reference's output
+    with the kernel's dropout mask. On the CPU only dynamo traces (backend="eager"): AOT tracing
+    would run the interpreter on fake tensors."""
     q, k, v = _qkv(1, 2, 37, 37, 16, torch.float32)
     torch._dynamo.reset()
     compiled = torch.compile(lambda q, k, v: attention(q, k, v, dropout_p=0.1, seed=4),
                              backend="inductor" if CUDA else "eager", fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), attention(q, k, v, dropout_p=0.1, seed=4),
-                               atol=1e-6, rtol=1e-5)
+    mask = attention_dropout_mask(1, 2, 37, 37, 0.1, seed=4, device=DEVICE)
+    expected = attention_reference(q, k, v, dropout_p=0.1, dropout_mask=mask)
+    torch.testing.assert_close(compiled(q, k, v), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not CUDA, reason="peak memory is measured on CUDA")

@@ -10,10 +10,10 @@ from tinygpt.generate import generate, sample_next
 from tinygpt.model import GPT
 
 
-def model_for_generation(block_size=24, backend="torch", dtype=torch.float64):
+def model_for_generation(block_size=24, backend="torch", dtype=torch.float64, vocab_size=13):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=13, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
-                      dropout=0.0)
+    cfg = ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2,
+                      n_embd=32, dropout=0.0)
     model = GPT(cfg, backend=backend).to(dtype).eval()
     with torch.no_grad():  # sharper distributions than the near-uniform init
         for p in model.parameters():
@@ -130,9 +130,10 @@ def test_generation_runs_attention_in_bf16_on_cuda(monkeypatch):
 def test_sample_command_streams_exactly_the_generated_text(tmp_path, capsys):
     from tinygpt.checkpoint import save_checkpoint
 
+    """What the command prints is generate()'s text at the command's default temperature, 0.8:
+    the model's sharp distributions make another temperature give other text."""
     vocab = "\n !',.:;?abcdefghijklmnopqrstuvwxyz"
-    model = GPT(ModelConfig(vocab_size=len(vocab), block_size=32, n_layer=1, n_head=2, n_embd=16,
-                            dropout=0.0))
+    model = model_for_generation(block_size=32, dtype=torch.float32, vocab_size=len(vocab))
     save_checkpoint(tmp_path / "best.pt", {
         "model_config": vars(model.config), "train_config": {}, "iteration": 0,
         "model": model.state_dict(), "vocab": vocab})
@@ -142,7 +143,7 @@ def test_sample_command_streams_exactly_the_generated_text(tmp_path, capsys):
     streamed = capsys.readouterr().out
     tok = Tokenizer(vocab)
     prompt = torch.tensor([tok.encode("to be")])
-    expected = run(model.eval(), prompt, 80, "shift", seed=3)
+    expected = run(model, prompt, 80, "shift", temperature=0.8, seed=3)
     assert streamed == tok.decode(expected[0].tolist()) + "\n"
     assert main(args + ["--cache", "off", "--max-new-tokens", "27"]) == 0
     off = capsys.readouterr().out

@@ -26,6 +26,7 @@ MAX_DROPOUT_COST = 1.5  # static instructions with dropout over without
 BEFORE = ROOT / "benchmarks" / "results" / "compile-sm90-before-issue12-cpu-2026-11-24.md"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not PTXAS.is_file(), reason="this Triton build ships no ptxas")
 def test_model_kernels_compile_for_every_target_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tinygpt.config import ModelConfig, from_preset
 from tinygpt.errors import UserError
@@ -90,3 +91,24 @@ def test_invalid_hyperparameters(overrides, message):
 def test_unknown_preset():
     with pytest.raises(UserError, match="unknown preset 'gpt5'.*cpu-baby"):
         from_preset("gpt5")
+
+
+def test_blocks_are_pre_norm():
+    """The fused layout (each residual add done by the next LayerNorm) computes the textbook
+    pre-norm GPT from the same weights: x += attn(ln1(x)); x += mlp(ln2(x)); head(ln_f(x)).
+    Guards against a post-norm block, x = ln(x + attn(x)), which trains too."""
+    model = GPT(tiny_config(dropout=0.0, bias=True), backend="reference").eval()
+    with torch.no_grad():  # LayerNorm parameters away from (1, 0), so that each one counts
+        for name, p in model.named_parameters():
+            if ".ln" in name or name.startswith("ln_f"):
+                p.add_(torch.randn_like(p) * 0.5)
+
+    def ln(module, x):
+        return F.layer_norm(x, x.shape[-1:], module.weight, module.bias, module.eps)
+
+    idx = torch.randint(0, model.config.vocab_size, (2, model.config.block_size))
+    x = model.tok_emb(idx) + model.pos_emb(torch.arange(idx.shape[1]))  # (B, T, C)
+    for block in model.blocks:
+        x = x + block.attn(ln(block.ln1, x), "reference")
+        x = x + block.mlp(ln(block.ln2, x))
+    torch.testing.assert_close(model(idx)[0], model.lm_head(ln(model.ln_f, x)))

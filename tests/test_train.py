@@ -1,7 +1,10 @@
 """Training, checkpoints, resuming, sampling and the command line, on tiny CPU models."""
 
+import collections
+import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 
@@ -12,6 +15,7 @@ from tinygpt import checkpoint as ckpt_mod
 from tinygpt.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig
+from tinygpt.data import Tokenizer
 from tinygpt.errors import UserError
 from tinygpt.model import build_model
 from tinygpt.train import train
@@ -32,13 +36,29 @@ def run_cli(capsys, *argv):
     return rc, out, err
 
 
+def char_entropies(text: str) -> tuple[float, float]:
+    """(unigram, bigram) entropy of text's characters in nats: the loss of the best predictor that
+    sees no context, and of the best that sees the previous character."""
+    n = len(text)
+    counts = collections.Counter(text)
+    pairs = collections.Counter(zip(text, text[1:]))
+    unigram = -sum(c / n * math.log(c / n) for c in counts.values())
+    bigram = -sum(c / (n - 1) * math.log(c / counts[a]) for (a, _), c in pairs.items())
+    return unigram, bigram
+
+
 def test_training_lowers_val_loss(tmp_path, corpus_path):
+    """From ln(vocab) at init, 200 steps learn at least half of what the previous character can
+    teach: val loss ends below the midpoint of the corpus's unigram and bigram entropies (tiny
+    Shakespeare: 2.88, reached 2.70; the generated text: 2.66, reached 2.30)."""
+    text = corpus_path.read_text(encoding="utf-8")
+    unigram, bigram = char_entropies(text)
     summary = tiny_run(tmp_path, corpus_path, max_iters=200, eval_interval=100,
                        lr_decay_iters=200)
     first, last = summary["history"][0], summary["history"][-1]
     assert [h["iter"] for h in summary["history"]] == [0, 100, 200]
-    assert abs(first["val"] - 4.17) < 0.3  # about ln(vocab) at init
-    assert last["val"] < first["val"] - 1.2, summary["history"]
+    assert abs(first["val"] - math.log(len(set(text)))) < 0.1
+    assert last["val"] < (unigram + bigram) / 2, (unigram, bigram, summary["history"])
     assert (tmp_path / "out" / "best.pt").is_file() and (tmp_path / "out" / "last.pt").is_file()
 
 
@@ -56,6 +76,28 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     assert loaded["iteration"] == 7
 
 
+def test_checkpoint_bytes_reach_the_disk_before_its_name(tmp_path, monkeypatch):
+    """The whole temporary file is flushed and fsynced, then renamed, then the directory synced:
+    a crash at any moment leaves the old checkpoint or the complete new one."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        events.append("fsync dir" if stat.S_ISDIR(info.st_mode) else ("fsync", info.st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.getsize(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(tmp_path / "ck.pt", {"model": {"w": torch.randn(10_001)}})
+    size = (tmp_path / "ck.pt").stat().st_size
+    assert events == [("fsync", size), ("rename", size), "fsync dir"]
+
+
 def test_resume_continues_exactly(tmp_path, corpus_path):
     full = tiny_run(tmp_path / "a", corpus_path, max_iters=30, eval_interval=10, dropout=0.1)
     tiny_run(tmp_path / "b", corpus_path, max_iters=20, eval_interval=10, dropout=0.1)
@@ -71,26 +113,40 @@ def test_resume_continues_exactly(tmp_path, corpus_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_resume_rejects_other_model_or_data(tmp_path, corpus_path, small_text_file):
+def test_resume_rejects_other_model_or_data(tmp_path, corpus_path):
     tiny_run(tmp_path, corpus_path, max_iters=2, eval_interval=1)
     out = str(tmp_path / "out")
     with pytest.raises(UserError, match="n-layer 3 differs"):
         train("cpu-baby", {"out_dir": out, "n_layer": 3}, data=str(corpus_path), resume=True)
-    if small_text_file.read_text() != corpus_path.read_text():
-        with pytest.raises(UserError, match="different vocabulary"):
-            train("cpu-baby", {"out_dir": out}, data=str(small_text_file), resume=True)
+    digits = tmp_path / "digits.txt"  # a vocabulary of digits and a space, unlike any corpus's
+    digits.write_text(" ".join(map(str, range(5000))), encoding="utf-8")
+    with pytest.raises(UserError, match="different vocabulary"):
+        train("cpu-baby", {"out_dir": out}, data=str(digits), resume=True)
 
 
 def test_sampling_is_seeded(tmp_path, corpus_path, capsys):
+    """Equal seeds give equal text and other seeds other text; --temperature 0 gives the most
+    likely character at every step, whatever the seed, in every sample."""
     tiny_run(tmp_path, corpus_path, max_iters=20, eval_interval=10)
-    args = ["sample", "--out-dir", str(tmp_path / "out"), "--prompt", "Th",
-            "--max-new-tokens", "40", "--device", "cpu"]
+    prompt = corpus_path.read_text(encoding="utf-8")[:2]
+    args = ["sample", "--out-dir", str(tmp_path / "out"), "--prompt", prompt,
+            "--max-new-tokens", "30", "--device", "cpu"]
     rc, first, _ = run_cli(capsys, *args, "--seed", "5")
-    assert rc == 0 and first.startswith("Th") and len(first) == len("Th") + 40 + 1
+    assert rc == 0 and first.startswith(prompt) and len(first) == len(prompt) + 30 + 1
     assert run_cli(capsys, *args, "--seed", "5")[1] == first
     assert run_cli(capsys, *args, "--seed", "6")[1] != first
-    rc, two, _ = run_cli(capsys, *args, "--num-samples", "2", "--temperature", "0")
-    assert rc == 0 and two.count("-" * 40) == 1
+
+    ckpt = load_checkpoint(tmp_path / "out" / "best.pt")
+    model = build_model(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    tok = Tokenizer(ckpt["vocab"])
+    idx = torch.tensor([tok.encode(prompt)])  # (1, T); T stays within the block
+    with torch.no_grad():
+        for _ in range(30):
+            idx = torch.cat([idx, model.eval()(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    greedy = tok.decode(idx[0].tolist()) + "\n"
+    rc, two, _ = run_cli(capsys, *args, "--num-samples", "2", "--temperature", "0", "--seed", "7")
+    assert rc == 0 and two == greedy + "-" * 40 + "\n" + greedy
 
 
 def _one_line_error(rc, err, needle):
@@ -412,8 +468,9 @@ def test_unknown_option_is_one_line(capsys, argv, needle):
 
 
 def test_resume_needs_the_training_state(tmp_path, corpus_path):
-    cfg = ModelConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     vocab = "".join(sorted(set(corpus_path.read_text())))
+    cfg = ModelConfig(vocab_size=len(vocab), block_size=16, n_layer=1, n_head=2, n_embd=16,
+                      dropout=0.0)
     save_checkpoint(tmp_path / "last.pt", {"model_config": vars(cfg), "train_config": {},
                                            "iteration": 3, "model": build_model(cfg).state_dict(),
                                            "vocab": vocab})
