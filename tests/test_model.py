@@ -97,7 +97,7 @@ def test_blocks_are_pre_norm():
     """The fused layout (each residual add done by the next LayerNorm) computes the textbook
     pre-norm GPT from the same weights: x += attn(ln1(x)); x += mlp(ln2(x)); head(ln_f(x)).
     Guards against a post-norm block, x = ln(x + attn(x)), which trains too."""
-    model = GPT(tiny_config(dropout=0.0, bias=True), backend="reference").eval()
+    model = GPT(tiny_config(bias=True), backend="reference").eval()
     with torch.no_grad():  # LayerNorm parameters away from (1, 0), so that each one counts
         for name, p in model.named_parameters():
             if ".ln" in name or name.startswith("ln_f"):

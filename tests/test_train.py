@@ -139,11 +139,12 @@ def test_sampling_is_seeded(tmp_path, corpus_path, capsys):
     ckpt = load_checkpoint(tmp_path / "out" / "best.pt")
     model = build_model(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
+    model.eval()
     tok = Tokenizer(ckpt["vocab"])
     idx = torch.tensor([tok.encode(prompt)])  # (1, T); T stays within the block
     with torch.no_grad():
         for _ in range(30):
-            idx = torch.cat([idx, model.eval()(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+            idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     greedy = tok.decode(idx[0].tolist()) + "\n"
     rc, two, _ = run_cli(capsys, *args, "--num-samples", "2", "--temperature", "0", "--seed", "7")
     assert rc == 0 and two == greedy + "-" * 40 + "\n" + greedy
