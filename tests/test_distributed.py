@@ -26,7 +26,9 @@ def free_port() -> int:
 
 
 def cli_flags(values: dict) -> list[str]:
-    return [f for k, v in values.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+    """`--name value` for each entry but those that are None (left out)."""
+    return [f for k, v in values.items() if v is not None
+            for f in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def torchrun(nproc: int, corpus, out_dir, **overrides):
@@ -47,13 +49,17 @@ def assert_same_weights(a: dict, b: dict, atol=1e-6):
 
 
 def test_two_processes_match_one_and_resume_in_one(tmp_path, corpus_path):
-    proc = torchrun(2, corpus_path, tmp_path / "two", max_iters=6, eval_interval=3)
+    """Without --grad-accum each process takes one micro-batch: the global batch of two
+    micro-batches that one process with --grad-accum 2 steps on."""
+    proc = torchrun(2, corpus_path, tmp_path / "two", max_iters=6, eval_interval=3,
+                    grad_accum=None)
     assert proc.stderr.count("tinygpt: gpt") == 1  # only rank 0 speaks
+    assert "| 2 processes x 1 micro-batch of 4 (global batch 8)" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.pt", "last.pt"]
     single = train("cpu-baby", {**ARGS, "max_iters": 6, "eval_interval": 3,
                                 "out_dir": str(tmp_path / "one")}, data=str(corpus_path))
     two = load_checkpoint(tmp_path / "two" / "last.pt")
-    assert two["iteration"] == 6
+    assert two["iteration"] == 6 and two["train_config"]["grad_accum"] == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in two["model"])  # unwrapped
     assert_same_weights(two["model"], load_checkpoint(tmp_path / "one" / "last.pt")["model"])
     assert abs(two["best_val_loss"] - single["best_val_loss"]) < 1e-5

@@ -6,7 +6,7 @@ import torch
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig
 from tinygpt.data import Tokenizer
-from tinygpt.generate import generate, sample_next
+from tinygpt.generate import generate, next_token_probs, sample_next
 from tinygpt.model import GPT
 
 
@@ -149,3 +149,64 @@ def test_sample_command_streams_exactly_the_generated_text(tmp_path, capsys):
     off = capsys.readouterr().out
     assert main(args + ["--max-new-tokens", "27"]) == 0
     assert capsys.readouterr().out == off  # within the block, cache or not, the same text
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_divides_the_logits_before_the_softmax(temperature):
+    logits = torch.randn(3, 13, dtype=torch.float64)
+    expected = torch.softmax(logits / temperature, dim=-1).float()
+    torch.testing.assert_close(next_token_probs(logits, temperature), expected)
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e-45, 1e-320])
+def test_temperature_near_zero_picks_the_most_likely(temperature):
+    """Down to the smallest doubles (float32 cannot hold 1e-45 / 1e-320): no inf / inf, no NaN."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [-4.0, -3.0, -3.5, -9.0]])
+    probs = next_token_probs(logits, temperature)
+    torch.testing.assert_close(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
+    assert sample_next(logits, temperature).flatten().tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.49, 1), (0.51, 2), (0.74, 2), (0.76, 3), (0.99, 4)])
+def test_top_p_keeps_the_smallest_set_that_reaches_p(top_p, kept):
+    """Probabilities 1/2, 1/4, 1/8, 1/8: the set whose mass first reaches top_p, not one more."""
+    probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]])
+    out = next_token_probs(probs.log(), top_p=top_p)
+    order = [1, 3, 0, 2]  # most likely first
+    expected = torch.zeros_like(probs)
+    expected[0, order[:kept]] = probs[0, order[:kept]] / probs[0, order[:kept]].sum()
+    torch.testing.assert_close(out, expected)
+
+
+def test_every_sample_flag_reaches_the_sampler(tmp_path, capsys, monkeypatch):
+    import tinygpt.generate
+    from tinygpt.checkpoint import save_checkpoint
+
+    vocab = "abcdefghijklm"
+    model = model_for_generation(dtype=torch.float32)
+    save_checkpoint(tmp_path / "mine.pt", {
+        "model_config": vars(model.config), "train_config": {}, "iteration": 0,
+        "model": model.state_dict(), "vocab": vocab})
+    runs, draws = [], []
+    real_generate, real_sample_next = tinygpt.generate.generate, tinygpt.generate.sample_next
+
+    def spy_generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, **kw):
+        runs.append((model.backend, idx.tolist(), max_new_tokens, generator.initial_seed(),
+                     kw["cache"]))
+        return real_generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                             **kw)
+
+    def spy_sample_next(logits, temperature, top_k, top_p, generator):
+        draws.append((temperature, top_k, top_p))
+        return real_sample_next(logits, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr(tinygpt.generate, "generate", spy_generate)
+    monkeypatch.setattr(tinygpt.generate, "sample_next", spy_sample_next)
+    assert main(["sample", "--ckpt", str(tmp_path / "mine.pt"), "--prompt", "cab",
+                 "--max-new-tokens", "4", "--temperature", "0.6", "--top-k", "5", "--top-p",
+                 "0.9", "--cache", "exact", "--seed", "77", "--num-samples", "3", "--device",
+                 "cpu", "--backend", "reference"]) == 0
+    assert runs == [("reference", [[2, 0, 1]], 4, 77, "exact")] * 3
+    assert draws == [(0.6, 5, 0.9)] * 12
+    samples = capsys.readouterr().out.split("-" * 40 + "\n")
+    assert len(samples) == 3 and all(s.startswith("cab") and len(s) == 3 + 4 + 1 for s in samples)

@@ -187,9 +187,10 @@ def test_backward_is_deterministic(N):
         assert torch.equal(a, c)
 
 
-def test_eps_is_used():
+@pytest.mark.parametrize("norm", [layer_norm, layer_norm_reference])
+def test_eps_is_used(norm):
     x = torch.tensor([[1.0, -1.0]], device=DEVICE)
-    torch.testing.assert_close(layer_norm(x, eps=3.0), x / 2.0)  # var 1, rstd 1/sqrt(1+3)
+    torch.testing.assert_close(norm(x, None, None, eps=3.0), x / 2.0)  # var 1, rstd 1/sqrt(1+3)
 
 
 @pytest.mark.parametrize(

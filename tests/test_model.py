@@ -112,3 +112,20 @@ def test_blocks_are_pre_norm():
         x = x + block.attn(ln(block.ln1, x), "reference")
         x = x + block.mlp(ln(block.ln2, x))
     torch.testing.assert_close(model(idx)[0], model.lm_head(ln(model.ln_f, x)))
+
+
+def test_initialisation_scales_the_residual_projections():
+    """GPT-2's init: every weight N(0, 0.02), the two projections that write into the residual
+    stream N(0, 0.02 / sqrt(2 n_layer)); biases zero, LayerNorm gains one."""
+    model = GPT(tiny_config(n_layer=8, n_embd=96, n_head=3, block_size=64, bias=True))
+    scaled = 0.02 / math.sqrt(2 * 8)
+    for name, p in model.named_parameters():  # each random one has >= 6144 elements
+        if name.endswith(("proj.weight", "qkv.weight", "fc.weight", "emb.weight")):
+            std = scaled if name.endswith("proj.weight") else 0.02
+            assert p.std().item() == pytest.approx(std, rel=0.05), name
+            assert abs(p.mean().item()) < 0.1 * std, name
+        elif ".ln" in name or name.startswith("ln_f"):
+            one = name.endswith("weight")
+            assert torch.equal(p, torch.ones_like(p) if one else torch.zeros_like(p)), name
+        else:
+            assert name.endswith("bias") and not p.any(), name

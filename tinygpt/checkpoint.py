@@ -63,10 +63,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({reason})") from e
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise UserError(f"checkpoint {path} is not a tinygpt checkpoint (missing fields)")
-    if ckpt["format_version"] > FORMAT_VERSION:
+    version = ckpt["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"checkpoint {path} is not a tinygpt checkpoint (format version "
+                        f"{version!r})")
+    if version > FORMAT_VERSION:
         raise UserError(
-            f"checkpoint {path} has format version {ckpt['format_version']}, newer than this "
-            f"tinygpt understands ({FORMAT_VERSION}); upgrade tinygpt"
+            f"checkpoint {path} has format version {version}, newer than this tinygpt "
+            f"understands ({FORMAT_VERSION}); upgrade tinygpt"
         )
     configs = {}
     for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
@@ -74,6 +78,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             configs[key] = cls(**ckpt[key])
         except TypeError as e:
             raise UserError(f"checkpoint {path} has an unreadable {key} ({e})") from e
+        try:
+            configs[key].validate()
+        except UserError as e:
+            raise UserError(f"checkpoint {path} has an invalid {key}: {e}") from e
     vocab, vocab_size = ckpt["vocab"], configs["model_config"].vocab_size
     if not isinstance(vocab, str) or len(set(vocab)) != len(vocab):
         raise UserError(f"checkpoint {path} has a malformed vocabulary (not a string of distinct "
@@ -81,6 +89,16 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if len(vocab) != vocab_size:
         raise UserError(f"checkpoint {path} has {len(vocab)} characters in its vocabulary but a "
                         f"model built for {vocab_size}")
+    iteration, weights = ckpt["iteration"], ckpt["model"]
+    if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
+        raise UserError(f"checkpoint {path} has a malformed iteration ({iteration!r})")
+    if not isinstance(weights, dict) or not all(map(torch.is_tensor, weights.values())):
+        raise UserError(f"checkpoint {path} has malformed weights (not a dict of tensors)")
+    broken = [name for name, t in weights.items()
+              if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise UserError(f"checkpoint {path} has non-finite weights (NaN or inf in "
+                        f"{', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
     return ckpt
 
 
@@ -90,5 +108,9 @@ def restore(target, state: dict, path: str | os.PathLike, what: str = "weights")
     try:
         target.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # load_state_dict heads its list of problems "Error(s) in loading ...:"; name the first
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+            lines.pop(0)
+        first = lines[0].rstrip(".") if lines else type(e).__name__
         raise UserError(f"checkpoint {path}: its {what} do not fit the model ({first})") from e

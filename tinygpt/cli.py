@@ -3,31 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
-from .config import PRESETS, ModelConfig, TrainConfig, fields_of
+from .config import (
+    PRESETS,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    check_values,
+    fields_of,
+    from_preset,
+)
 from .errors import UserError
 
+RANK_GRACE_S = 5.0  # how long a torchrun rank other than 0 waits before reporting its error
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (`n_layer` -> `--n-layer`); unset flags keep the preset's value."""
-    for cls, title in ((ModelConfig, "model"), (TrainConfig, "training")):
-        group = parser.add_argument_group(f"{title} options (default: the preset's value)")
-        for f in fields_of(cls):
-            if not f.metadata.get("cli", True):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            kwargs = {"dest": f.name, "default": None, "help": f.metadata["help"]}
-            if f.type in ("bool", bool):
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
-                kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
-                if "choices" in f.metadata:
-                    kwargs["choices"] = f.metadata["choices"]
-            group.add_argument(flag, **kwargs)
+
+def _add_config_flags(group, cls, defaults: bool) -> None:
+    """One flag per field of `cls` (`n_layer` -> `--n-layer`). With `defaults`, a flag left out
+    takes the field's default; without, it is None and the preset's value stands."""
+    for f in fields_of(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        shown = defaults and f.default is not None
+        kwargs = {"dest": f.name, "default": f.default if defaults else None,
+                  "help": f.metadata["help"] + (" (default: %(default)s)" if shown else "")}
+        kind = f.type.removesuffix(" | None")
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[kind]
+            kwargs["metavar"] = f.name.upper()
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 def _preset_table() -> str:
@@ -65,27 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start afresh in an OUT_DIR that holds another run's checkpoints")
     train.add_argument("--log-interval", type=int, default=10, metavar="N",
                        help="report the training loss every N steps (default: 10)")
-    _add_config_flags(train)
+    for cls, title in ((ModelConfig, "model"), (TrainConfig, "training")):
+        group = train.add_argument_group(f"{title} options (default: the preset's value)")
+        _add_config_flags(group, cls, defaults=False)
 
     sample = sub.add_parser("sample", help="generate text from a checkpoint")
     sample.add_argument("--ckpt", metavar="PATH", help="checkpoint (default: OUT_DIR/best.pt)")
     sample.add_argument("--out-dir", default="out", help="where `train` wrote its checkpoints")
     sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    sample.add_argument("--max-new-tokens", type=int, default=500, metavar="N")
-    sample.add_argument("--temperature", type=float, default=0.8,
-                        help="sampling temperature; 0 picks the most likely character")
-    sample.add_argument("--top-k", type=int, default=None, metavar="K",
-                        help="sample only among the K most likely characters")
-    sample.add_argument("--top-p", type=float, default=None, metavar="P",
-                        help="sample only among the most likely characters that make up P")
-    sample.add_argument("--cache", default="shift", choices=("shift", "exact", "off"),
-                        help="key/value cache: shift (default, constant cost per character), "
-                             "exact (same tokens as off), off (re-run the context every step)")
-    sample.add_argument("--seed", type=int, default=1337)
-    sample.add_argument("--num-samples", type=int, default=1, metavar="N")
-    sample.add_argument("--device", default="auto")
-    sample.add_argument("--backend", default="auto",
-                        choices=("auto", "triton", "torch", "reference"))
+    _add_config_flags(sample.add_argument_group("sampling options"), SampleConfig, defaults=True)
+    sample.add_argument("--device", default="auto",
+                        help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    sample.add_argument("--backend", default="auto", choices=("auto", "triton", "torch",
+                                                               "reference"),
+                        help="attention/LayerNorm implementation (default: auto)")
 
     bench = sub.add_parser(
         "bench", help="run the benchmarks and write a dated report (needs a source checkout)",
@@ -108,12 +114,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import pick_device, train
-
     names = [f.name for cls in (ModelConfig, TrainConfig) for f in fields_of(cls)]
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.log_interval < 1:
-        raise UserError("--log-interval must be at least 1")
+        raise UserError(f"--log-interval must be at least 1, got {args.log_interval}")
+    for cls in (ModelConfig, TrainConfig):  # answered before torch is imported
+        check_values(cls, overrides)
+    if args.preset is not None:
+        from_preset(args.preset, **overrides)
+
+    from .train import pick_device, train
+
     preset = args.preset
     if preset is None and not args.resume:
         cuda = pick_device(overrides.get("device", "auto")).type == "cuda"
@@ -125,6 +136,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    cfg = SampleConfig(**{f.name: getattr(args, f.name) for f in fields_of(SampleConfig)})
+    cfg.validate()  # answered before torch is imported
+    if not args.prompt:
+        raise UserError("--prompt must contain at least one character")
+
     import torch
 
     from . import ops
@@ -134,16 +150,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .model import attention_shape, build_model
     from .train import pick_device
 
-    if args.max_new_tokens < 0 or args.num_samples < 1:
-        raise UserError("--max-new-tokens must be >= 0 and --num-samples >= 1")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.prompt:
-        raise UserError("--prompt must contain at least one character")
     path = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "best.pt"
     ckpt = load_checkpoint(path)
     device = pick_device(args.device)
@@ -154,30 +160,43 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = build_model(model_cfg, backend)
     restore(model, ckpt["model"], path)
     model.to(device).eval()
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def stream(token: torch.Tensor) -> None:
         sys.stdout.write(tokenizer.decode(token[0].tolist()))
         sys.stdout.flush()
 
-    for i in range(args.num_samples):
+    for i in range(cfg.num_samples):
         if i:
             print("-" * 40)
         sys.stdout.write(args.prompt)
-        generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                 generator, cache=args.cache, on_token=stream)
+        generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                 generator, cache=cfg.cache, on_token=stream)
         print(flush=True)
     return 0
 
 
-def _speaks() -> bool:
-    """Under torchrun, rank 0 speaks for all; a process with a broken RANK speaks for itself."""
-    from .distributed import from_environment
-
+def _torchrun_rank() -> int | None:
+    """This process's rank in a torchrun job; None outside one, or when RANK and WORLD_SIZE do
+    not describe one (then the process speaks for itself)."""
     try:
-        return from_environment().is_main
-    except UserError:
-        return True
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    return rank if 0 <= rank < world_size else None
+
+
+def _report(error: UserError, debug: bool) -> None:
+    """One line on stderr. Every torchrun process meets the same mistakes, and torchrun stops the
+    others as soon as one exits: rank 0 speaks at once, and another rank only after
+    `RANK_GRACE_S`, if it is still running then (its error was its own, not rank 0's too)."""
+    rank = _torchrun_rank()
+    if rank:
+        time.sleep(RANK_GRACE_S)
+    if debug:
+        traceback.print_exc()
+    print(f"tinygpt: error{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr,
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as e:
-        if _speaks():
-            if args.debug:
-                traceback.print_exc()
-            print(f"tinygpt: error: {e}", file=sys.stderr)
+        _report(e, args.debug)
         return 2
     except KeyboardInterrupt:
         print("tinygpt: interrupted", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""Model and training configuration: two dataclasses and the named presets.
+"""Model, training and sampling configuration: three dataclasses and the named presets.
 
-Every field carries a help string; the command line builds one `--flag` per field from them, so
-a preset is only a set of defaults and any field can be overridden (`--n-layer 4`).
+Every field carries a help string and the values it accepts; the command line builds one `--flag`
+per field from them, so a preset is only a set of defaults and any field can be overridden
+(`--n-layer 4`). `validate()` is the one check of a config, whether it came from the command line,
+the Python API or a checkpoint.
 """
 
 from __future__ import annotations
@@ -12,86 +14,133 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 
+SEED_LIMIT = 2**63  # seeds are in [0, 2^63): torch takes 64-bit seeds, and training adds the rank
+_TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"),
+          "str": (str, "a string"), "bool": (bool, "true or false")}
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+
+def _f(default, help: str, **accepts):
+    """A field: its default, its help, and what it accepts: `choices`, bounds `at_least` /
+    `above` / `below` / `at_most`, `nonempty`; `cli=False` keeps it off the command line."""
+    return field(default=default, metadata={"help": help, **accepts})
 
 
-def _check_finite(config) -> None:
-    """Every float field a finite number: nan and inf pass most range checks unnoticed."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{f.name} must be a finite number, got {value}")
+def _bounds(rules) -> str:
+    """The range `rules` allow, in words: 'at least 1', 'positive', 'in [0, 1)'."""
+    def num(v) -> str:
+        return "2^63" if v == SEED_LIMIT else f"{v:g}"
+
+    low = ("[", rules["at_least"]) if "at_least" in rules else ("(", rules.get("above"))
+    high = ("]", rules["at_most"]) if "at_most" in rules else (")", rules.get("below"))
+    if low[1] is not None and high[1] is not None:
+        return f"in {low[0]}{num(low[1])}, {num(high[1])}{high[0]}"
+    if high[1] is not None:
+        return f"{'at most' if high[0] == ']' else 'below'} {num(high[1])}"
+    if low[0] == "(":
+        return "positive" if low[1] == 0 else f"above {num(low[1])}"
+    return f"at least {num(low[1])}"
+
+
+def check_field(f: dataclasses.Field, value) -> None:
+    """UserError unless `value` is of `f`'s type, finite, and among the values it accepts."""
+    kind = f.type.removesuffix(" | None")
+    if value is None and kind != f.type:
+        return
+    types, noun = _TYPES[kind]
+    if not isinstance(value, types) or (isinstance(value, bool) and kind != "bool"):
+        raise UserError(f"{f.name} must be {noun}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{f.name} must be a finite number, got {value}")
+    rules = f.metadata
+    if rules.get("nonempty") and not value:
+        raise UserError(f"{f.name} must not be empty")
+    if "choices" in rules and value not in rules["choices"]:
+        raise UserError(f"{f.name} must be one of {', '.join(rules['choices'])}; got {value!r}")
+    if kind in ("int", "float") and not (
+            rules.get("at_least", -math.inf) <= value <= rules.get("at_most", math.inf)
+            and rules.get("above", -math.inf) < value < rules.get("below", math.inf)):
+        raise UserError(f"{f.name} must be {_bounds(rules)}, got {value}")
+
+
+def check_values(cls, values: dict) -> None:
+    """`check_field` for those of `values` that name a field of `cls`: a whole config, or
+    options on their own, before the preset that completes them is known."""
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            check_field(f, values[f.name])
 
 
 @dataclass
 class ModelConfig:
     model: str = _f("gpt", "architecture", choices=("gpt", "bigram"))
-    vocab_size: int = _f(65, "number of distinct characters (set from the corpus)", cli=False)
-    block_size: int = _f(256, "context length in characters")
-    n_layer: int = _f(6, "transformer blocks")
-    n_head: int = _f(6, "attention heads per block")
-    n_embd: int = _f(384, "embedding width (divisible by n_head)")
-    dropout: float = _f(0.2, "dropout on attention weights, residual branches and embeddings")
+    vocab_size: int = _f(65, "number of distinct characters (set from the corpus)", cli=False,
+                         at_least=1)
+    block_size: int = _f(256, "context length in characters", at_least=1)
+    n_layer: int = _f(6, "transformer blocks", at_least=1)
+    n_head: int = _f(6, "attention heads per block", at_least=1)
+    n_embd: int = _f(384, "embedding width (divisible by n_head)", at_least=1)
+    dropout: float = _f(0.2, "dropout on attention weights, residual branches and embeddings",
+                        at_least=0.0, below=1.0)
     bias: bool = _f(False, "biases in Linear and LayerNorm layers")
 
     def validate(self) -> None:
-        _check_finite(self)
-        if self.block_size < 1:
-            raise UserError(f"block_size must be at least 1, got {self.block_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.model == "gpt":
-            if self.n_layer < 1 or self.n_head < 1 or self.n_embd < 1:
-                raise UserError("n_layer, n_head and n_embd must be at least 1")
-            if self.n_embd % self.n_head:
-                raise UserError(
-                    f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-                )
+        check_values(type(self), vars(self))
+        if self.model == "gpt" and self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = _f(64, "sequences per micro-batch (global batch: batch_size x grad_accum)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step, shared out among torchrun "
-                            "processes, so the global batch stays fixed as their number changes")
-    max_iters: int = _f(5000, "optimizer steps in total")
-    lr: float = _f(1e-3, "peak learning rate (AdamW)")
-    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
-    warmup_iters: int = _f(100, "linear warm-up steps")
-    lr_decay_iters: int = _f(5000, "step at which the cosine decay reaches min_lr")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.99, "AdamW beta2")
-    weight_decay: float = _f(0.1, "AdamW weight decay, applied to 2-D weights only")
-    grad_clip: float = _f(1.0, "clip the gradient norm to this (0 disables)")
-    eval_interval: int = _f(250, "evaluate train/val loss every this many steps")
-    eval_iters: int = _f(200, "batches per split in each evaluation")
-    seed: int = _f(1337, "random seed for weights, batches and dropout")
-    device: str = _f("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    batch_size: int = _f(64, "sequences per micro-batch", at_least=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step (global batch: batch_size x "
+                            "grad_accum), shared out among torchrun processes; left out under "
+                            "torchrun, each process takes the preset's number", at_least=1)
+    max_iters: int = _f(5000, "optimizer steps in total", at_least=0)
+    lr: float = _f(1e-3, "peak learning rate (AdamW)", above=0.0)
+    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay (at most lr)",
+                       at_least=0.0)
+    warmup_iters: int = _f(100, "linear warm-up steps", at_least=0)
+    lr_decay_iters: int = _f(5000, "step at which the cosine decay reaches min_lr", at_least=0)
+    beta1: float = _f(0.9, "AdamW beta1", at_least=0.0, below=1.0)
+    beta2: float = _f(0.99, "AdamW beta2", at_least=0.0, below=1.0)
+    weight_decay: float = _f(0.1, "AdamW weight decay, applied to 2-D weights only",
+                             at_least=0.0)
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0 disables)", at_least=0.0)
+    eval_interval: int = _f(250, "evaluate train/val loss every this many steps", at_least=1)
+    eval_iters: int = _f(200, "batches per split in each evaluation", at_least=1)
+    seed: int = _f(1337, "random seed for weights, batches and dropout", at_least=0,
+                   below=SEED_LIMIT)
+    device: str = _f("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu",
+                     nonempty=True)
     backend: str = _f(
         "auto", "attention/LayerNorm implementation",
         choices=("auto", "triton", "torch", "reference"),
     )
     compile: bool = _f(False, "wrap the model in torch.compile")
-    out_dir: str = _f("out", "directory for checkpoints")
+    out_dir: str = _f("out", "directory for checkpoints", nonempty=True)
 
     def validate(self) -> None:
-        _check_finite(self)
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.grad_accum < 1:
-            raise UserError(f"grad_accum must be at least 1, got {self.grad_accum}")
-        if self.max_iters < 0:
-            raise UserError(f"max_iters must be non-negative, got {self.max_iters}")
-        if self.lr <= 0 or self.min_lr < 0:
-            raise UserError(f"lr must be positive and min_lr non-negative, got lr={self.lr}, "
-                            f"min_lr={self.min_lr}")
-        if self.eval_interval < 1 or self.eval_iters < 1:
-            raise UserError("eval_interval and eval_iters must be at least 1")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        check_values(type(self), vars(self))
+        if self.min_lr > self.lr:
+            raise UserError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+
+
+@dataclass
+class SampleConfig:
+    max_new_tokens: int = _f(500, "characters to generate", at_least=0)
+    temperature: float = _f(0.8, "sampling temperature; 0 picks the most likely character",
+                            at_least=0.0)
+    top_k: int | None = _f(None, "sample only among the K most likely characters", at_least=1)
+    top_p: float | None = _f(None, "sample only among the most likely characters that make up "
+                                   "P of the probability", above=0.0, at_most=1.0)
+    cache: str = _f("shift", "key/value cache: shift (constant cost per character), exact (the "
+                             "same characters as off), off (re-run the context every step)",
+                    choices=("shift", "exact", "off"))
+    seed: int = _f(1337, "random seed", at_least=0, below=SEED_LIMIT)
+    num_samples: int = _f(1, "samples to draw", at_least=1)
+
+    def validate(self) -> None:
+        check_values(type(self), vars(self))
 
 
 PRESETS: dict[str, dict] = {

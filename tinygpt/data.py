@@ -164,8 +164,8 @@ class Batches:
                     f"use more text or a smaller --block-size"
                 )
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
-        self.generators = {
-            s: torch.Generator().manual_seed(seed * 1_000_003 + s + 1)
+        self.generators = {  # torch takes seeds below 2^64
+            s: torch.Generator().manual_seed((seed * 1_000_003 + s + 1) % 2**64)
             for s in [*streams, self.EVAL_STREAM]
         }
         self.offsets = torch.arange(block_size + 1, device=device)  # (T+1,)

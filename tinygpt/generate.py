@@ -17,21 +17,20 @@ from collections.abc import Callable
 import torch
 
 from . import ops
+from .config import SampleConfig
 from .model import GPT, KVCache, LanguageModel
 
-CACHE_MODES = ("shift", "exact", "off")
 
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
-    """One token per row from logits (B, V) -> (B, 1); greedy when temperature is 0.
-
-    top_k keeps the k most likely tokens, top_p the smallest set whose probability reaches p.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None) -> torch.Tensor:
+    """The distribution (B, V) that sampling draws the next token from: softmax(logits /
+    temperature) over the top_k most likely tokens and the smallest set whose probability
+    reaches top_p. `temperature` > 0; as it nears 0, all the mass goes to the largest logit."""
+    logits = logits.float()
+    # Dividing after the row's maximum is taken off keeps every value <= 0: a tiny temperature
+    # sends the others to -inf, never to inf - inf. The floor keeps the divisor a float32 > 0.
+    logits = logits - logits.amax(dim=-1, keepdim=True)  # (B, V)
+    logits = logits / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -41,8 +40,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
         sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # keeps the top 1
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """One token per row from logits (B, V) -> (B, 1): drawn from `next_token_probs`, or the
+    most likely one when temperature is 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1,
+                             generator=generator)
 
 
 @torch.no_grad()
@@ -55,8 +64,8 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int,
 
     With `amp`, the model runs under the autocast training uses on idx's device (bf16 on CUDA);
     amp=False keeps the parameters' dtype throughout."""
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, cache=cache).validate()
     block = model.config.block_size
     kv = KVCache(model.config) if cache != "off" and isinstance(model, GPT) else None
 

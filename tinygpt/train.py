@@ -186,6 +186,8 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
     A new run refuses an out_dir that holds another run's checkpoints unless `overwrite`.
 
     Under torchrun every process runs this: data parallel, rank 0 evaluates and checkpoints.
+    Without a `grad_accum` override a new run gives every process the preset's micro-batches
+    (the global batch grows with the processes); with one, they share its micro-batches out.
     """
     overrides = dict(overrides or {})
     ckpt = ckpt_path = None
@@ -210,9 +212,11 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
     else:
         model_cfg.vocab_size = tokenizer.vocab_size
     ctx = distributed.from_environment()
+    if ckpt is None and overrides.get("grad_accum") is None:
+        cfg.grad_accum *= ctx.world_size  # the preset's micro-batches on every process
     if cfg.grad_accum % ctx.world_size:
         raise UserError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of "
-                        f"processes ({ctx.world_size})")
+                        f"processes ({ctx.world_size}), which share its micro-batches out")
     device = pick_device(cfg.device, ctx.local_rank if ctx.enabled else None)
     distributed.start(ctx, device)
     try:
@@ -265,7 +269,9 @@ class _Run:
             f"tinygpt: {model_cfg.model} {self.model.num_params() / 1e6:.2f}M params | data "
             f"{data_name} ({len(text):,} chars, vocab {tokenizer.vocab_size}) | device {device} "
             f"({amp_words}) | backend {backend}{' + compile' if cfg.compile else ''}"
-            + (f" | {ctx.world_size} processes" if ctx.enabled else "")
+            + (f" | {ctx.world_size} processes x {per_rank} micro-batch"
+               f"{'es' if per_rank > 1 else ''} of {cfg.batch_size} (global batch "
+               f"{cfg.batch_size * cfg.grad_accum})" if ctx.enabled else "")
             + (f" | resuming at iteration {self.start_iter}" if ckpt is not None else ""))
         with self._out_of_memory_reported("trying a training step"):
             self._try_step()

@@ -1,0 +1,212 @@
+"""Every config field checked in one place: on the command line (one line, before torch is
+imported), through the Python API, and in the checkpoints that are loaded."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tinygpt import cli
+from tinygpt.checkpoint import save_checkpoint
+from tinygpt.cli import main
+from tinygpt.config import SEED_LIMIT, ModelConfig, SampleConfig, TrainConfig, from_preset
+from tinygpt.errors import UserError
+from tinygpt.generate import generate
+from tinygpt.model import build_model
+
+# Each is refused in one line naming the problem, with exit status 2 and nothing written.
+BAD_ARGUMENTS = {
+    "lr nan": (["train", "--lr", "nan"], "lr must be a finite number, got nan"),
+    "lr negative": (["train", "--lr", "-1"], "lr must be positive, got -1.0"),
+    "min_lr nan": (["train", "--min-lr", "nan"], "min_lr must be a finite number"),
+    "min_lr above lr": (["train", "--preset", "cpu-baby", "--min-lr", "0.01"],
+                        "min_lr (0.01) must not exceed lr (0.001)"),
+    "beta1 1.5": (["train", "--beta1", "1.5"], "beta1 must be in [0, 1), got 1.5"),
+    "beta2 inf": (["train", "--beta2", "inf"], "beta2 must be a finite number, got inf"),
+    "weight decay negative": (["train", "--weight-decay", "-0.1"],
+                              "weight_decay must be at least 0, got -0.1"),
+    "grad clip negative": (["train", "--grad-clip", "-1"], "grad_clip must be at least 0"),
+    "warm-up negative": (["train", "--warmup-iters", "-5"], "warmup_iters must be at least 0"),
+    "decay negative": (["train", "--lr-decay-iters", "-1"], "lr_decay_iters must be at least 0"),
+    "dropout 1": (["train", "--dropout", "1"], "dropout must be in [0, 1), got 1.0"),
+    "seed past 64 bits": (["train", "--seed", str(2**64)], "seed must be in [0, 2^63), got "),
+    "seed negative": (["train", "--seed", "-1"], "seed must be in [0, 2^63), got -1"),
+    "no heads": (["train", "--n-head", "0"], "n_head must be at least 1, got 0"),
+    "heads do not divide": (["train", "--preset", "cpu-baby", "--n-head", "3"],
+                            "n_embd (128) must be divisible by n_head (3)"),
+    "block negative": (["train", "--block-size", "-4"], "block_size must be at least 1"),
+    "empty out-dir": (["train", "--out-dir", ""], "out_dir must not be empty"),
+    "unknown preset": (["train", "--preset", "nope"], "unknown preset 'nope'; choose one of"),
+    "log interval 0": (["train", "--log-interval", "0"], "--log-interval must be at least 1"),
+    "temperature nan": (["sample", "--temperature", "nan"], "temperature must be a finite"),
+    "temperature inf": (["sample", "--temperature", "inf"], "temperature must be a finite"),
+    "temperature negative": (["sample", "--temperature", "-0.5"],
+                             "temperature must be at least 0, got -0.5"),
+    "sample seed past 64 bits": (["sample", "--seed", str(2**64)], "seed must be in [0, 2^63)"),
+    "top-k 0": (["sample", "--top-k", "0"], "top_k must be at least 1, got 0"),
+    "top-p above 1": (["sample", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    "top-p 0": (["sample", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+    "negative length": (["sample", "--max-new-tokens", "-1"], "max_new_tokens must be at least 0"),
+    "no samples": (["sample", "--num-samples", "0"], "num_samples must be at least 1"),
+    "empty prompt": (["sample", "--prompt", ""], "--prompt must contain at least one character"),
+}
+
+_PROBE = """
+import contextlib, io, json, sys
+from tinygpt.cli import main
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+    results[name] = [rc, err.getvalue()]
+print(json.dumps({"results": results, "imported": sorted(
+    m for m in ("torch", "triton", "numpy") if m in sys.modules)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory):
+    """Every bad command line of BAD_ARGUMENTS, and both --help pages, in one fresh process."""
+    out = tmp_path_factory.mktemp("answers") / "out"
+    cases = {name: [*argv, *(["--out-dir", str(out)] if argv[0] == "train" and
+                             "--out-dir" not in argv else [])]
+             for name, (argv, _) in BAD_ARGUMENTS.items()}
+    cases.update({"train help": ["train", "--help"], "sample help": ["sample", "--help"]})
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(cases)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), out
+
+
+@pytest.mark.parametrize("name", BAD_ARGUMENTS)
+def test_bad_argument_is_one_line(answers, name):
+    found, out = answers
+    rc, err = found["results"][name]
+    needle = BAD_ARGUMENTS[name][1]
+    assert rc == 2, err
+    assert err.startswith("tinygpt: error: ") and err.count("\n") == 1, err
+    assert needle in err, err
+    assert not out.exists()
+
+
+def test_arguments_are_answered_before_torch_is_imported(answers):
+    found, _ = answers
+    assert found["imported"] == []
+    for page in ("train help", "sample help"):
+        rc, _ = found["results"][page]
+        assert rc == 0
+
+
+@pytest.mark.parametrize("config,needle", [
+    (ModelConfig(n_head="2"), "n_head must be an integer, got '2'"),
+    (ModelConfig(n_layer=True), "n_layer must be an integer, got True"),
+    (ModelConfig(model="rnn"), "model must be one of gpt, bigram; got 'rnn'"),
+    (ModelConfig(vocab_size=0), "vocab_size must be at least 1"),
+    (TrainConfig(compile=1), "compile must be true or false, got 1"),
+    (TrainConfig(grad_clip=float("-inf")), "grad_clip must be a finite number"),
+    (TrainConfig(backend="fast"), "backend must be one of auto, triton, torch, reference"),
+    (TrainConfig(seed=SEED_LIMIT), "seed must be in [0, 2^63)"),
+    (SampleConfig(top_k=2.5), "top_k must be an integer, got 2.5"),
+    (SampleConfig(cache="sometimes"), "cache must be one of shift, exact, off"),
+])
+def test_python_api_is_checked_the_same_way(config, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        config.validate()
+
+
+def test_limits_themselves_are_accepted():
+    ModelConfig(dropout=0.0, n_head=1, n_embd=1).validate()
+    TrainConfig(lr=1e-12, min_lr=1e-12, weight_decay=0.0, grad_clip=0.0, warmup_iters=0,
+                lr_decay_iters=0, max_iters=0, beta1=0.0, seed=SEED_LIMIT - 1).validate()
+    SampleConfig(temperature=0.0, top_k=1, top_p=1.0, max_new_tokens=0, seed=0).validate()
+    from_preset("bigram", lr=2, min_lr=2)
+
+
+def test_generate_checks_its_options():
+    model = build_model(ModelConfig(vocab_size=5, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(UserError, match="temperature must be a finite number, got nan"):
+        generate(model, prompt, 3, temperature=float("nan"))
+    with pytest.raises(UserError, match="top_p must be in"):
+        generate(model, prompt, 3, top_p=0.0)
+
+
+def _checkpoint(tmp_path, **changes) -> str:
+    """A small valid checkpoint, with `changes` made to its payload (`model_config`,
+    `train_config` and `model` entries merged into the real ones)."""
+    cfg = ModelConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    payload = {"model_config": vars(cfg), "train_config": {}, "iteration": 0,
+               "model": build_model(cfg).state_dict(), "vocab": "abcdefghijk"}
+    for key, value in changes.items():
+        payload[key] = {**payload[key], **value} if isinstance(value, dict) else value
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, payload)
+    return str(path)
+
+
+HOSTILE_CHECKPOINTS = {
+    "no heads": (dict(model_config={"n_head": 0}),
+                 "has an invalid model_config: n_head must be at least 1, got 0"),
+    "heads do not divide": (dict(model_config={"n_head": 3}),
+                            "invalid model_config: n_embd (16) must be divisible by n_head (3)"),
+    "negative block": (dict(model_config={"block_size": -16}),
+                       "invalid model_config: block_size must be at least 1, got -16"),
+    "layers as text": (dict(model_config={"n_layer": "1"}), "n_layer must be an integer"),
+    "config not a dict": (dict(model_config=[1, 2]), "has an unreadable model_config"),
+    "lr nan": (dict(train_config={"lr": float("nan")}),
+               "invalid train_config: lr must be a finite number"),
+    "format version text": (dict(format_version="1"),
+                            "is not a tinygpt checkpoint (format version '1')"),
+    "negative iteration": (dict(iteration=-3), "has a malformed iteration (-3)"),
+    "longer vocabulary": (dict(vocab="abcdefghijkl"),
+                          "12 characters in its vocabulary but a model built for 11"),
+    "longer vocabulary and config": (dict(vocab="abcdefghijkl", model_config={"vocab_size": 12}),
+                                     "its weights do not fit the model (size mismatch for "
+                                     "tok_emb.weight: copying a param with shape "
+                                     "torch.Size([11, 16]) from checkpoint"),
+}
+
+
+@pytest.mark.parametrize("changes,needle", HOSTILE_CHECKPOINTS.values(),
+                         ids=HOSTILE_CHECKPOINTS.keys())
+def test_hostile_checkpoint_is_one_line(tmp_path, capsys, changes, needle):
+    path = _checkpoint(tmp_path, **changes)
+    rc = main(["sample", "--ckpt", path, "--prompt", "a", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"tinygpt: error: checkpoint {path}") and needle in err, err
+
+
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, capsys):
+    cfg = ModelConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    state = build_model(cfg).state_dict()
+    state["blocks.0.mlp.fc.weight"][3, 4] = float("nan")
+    state["ln_f.weight"][0] = float("inf")
+    path = _checkpoint(tmp_path, model=state)
+    rc = main(["sample", "--ckpt", path, "--prompt", "a", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert (f"checkpoint {path} has non-finite weights (NaN or inf in blocks.0.mlp.fc.weight, "
+            "ln_f.weight)") in err
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_torchrun_rank_other_than_0_speaks_only_after_a_grace(monkeypatch, capsys, rank):
+    """torchrun stops every process once one exits: rank 0 reports at once; the others wait, so
+    that a mistake all of them make is reported by rank 0 alone, never lost with the first rank
+    to exit."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    assert main(["train", "--lr", "nan"]) == 2
+    tag = f" (rank {rank})" if rank else ""
+    assert capsys.readouterr().err == f"tinygpt: error{tag}: lr must be a finite number, got nan\n"
+    assert slept == ([cli.RANK_GRACE_S] if rank else [])
