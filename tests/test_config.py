@@ -38,6 +38,12 @@ BAD_ARGUMENTS = {
     "heads do not divide": (["train", "--preset", "cpu-baby", "--n-head", "3"],
                             "n_embd (128) must be divisible by n_head (3)"),
     "block negative": (["train", "--block-size", "-4"], "block_size must be at least 1"),
+    "layers past int64": (["train", "--preset", "cpu-baby", "--n-layer", str(10**20)],
+                          "the model would have 1.97e+25 parameters, more than tinygpt builds"),
+    "width past int64": (["train", "--preset", "cpu-baby", "--n-embd", str(10**10)],
+                         "the model would have 4.8e+21 parameters"),
+    "block past int64": (["train", "--preset", "cpu-baby", "--block-size", str(10**20)],
+                         "the model would have 1.28e+22 parameters"),
     "empty out-dir": (["train", "--out-dir", ""], "out_dir must not be empty"),
     "unknown preset": (["train", "--preset", "nope"], "unknown preset 'nope'; choose one of"),
     "log interval 0": (["train", "--log-interval", "0"], "--log-interval must be at least 1"),
@@ -127,6 +133,14 @@ def test_limits_themselves_are_accepted():
                 lr_decay_iters=0, max_iters=0, beta1=0.0, seed=SEED_LIMIT - 1).validate()
     SampleConfig(temperature=0.0, top_k=1, top_p=1.0, max_new_tokens=0, seed=0).validate()
     from_preset("bigram", lr=2, min_lr=2)
+
+
+@pytest.mark.parametrize("model,bias", [("gpt", False), ("gpt", True), ("bigram", False)])
+def test_parameter_count_is_known_before_the_model_is_built(model, bias):
+    """What the memory check and the size bound count is what build_model builds."""
+    cfg = ModelConfig(model=model, vocab_size=23, block_size=17, n_layer=3, n_head=2, n_embd=10,
+                      bias=bias)
+    assert cfg.num_params() == build_model(cfg).num_params()
 
 
 def test_generate_checks_its_options():

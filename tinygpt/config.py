@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 
+MAX_PARAMS = 2**40  # a bound on model size that keeps every count and shape far inside int64
 SEED_LIMIT = 2**63  # seeds are in [0, 2^63): torch takes 64-bit seeds, and training adds the rank
 _TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"),
           "str": (str, "a string"), "bool": (bool, "true or false")}
@@ -87,6 +88,23 @@ class ModelConfig:
         check_values(type(self), vars(self))
         if self.model == "gpt" and self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if (n := self.num_params()) > MAX_PARAMS:
+            raise UserError(f"the model would have {n:.3g} parameters, more than tinygpt builds "
+                            "(2^40, about 1.1e12); lower --n-layer, --n-embd or --block-size")
+
+    def num_params(self) -> int:
+        """Parameters of the model this config builds, counted from its shapes alone (the head
+        shares the token embedding's weight)."""
+        V, C = self.vocab_size, self.n_embd
+        if self.model == "bigram":
+            return V * V
+
+        def linear(n_in: int, n_out: int) -> int:
+            return n_in * n_out + (n_out if self.bias else 0)
+
+        norm = C * (2 if self.bias else 1)
+        block = linear(C, 3 * C) + linear(C, C) + linear(C, 4 * C) + linear(4 * C, C) + 2 * norm
+        return V * C + self.block_size * C + self.n_layer * block + norm
 
 
 @dataclass

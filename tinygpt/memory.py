@@ -20,8 +20,7 @@ SAVED_PER_TOKEN_LAYER = 12
 GIB = 2**30
 
 
-def training_bytes(cfg: ModelConfig, num_params: int, batch_size: int, corpus_chars: int,
-                   autocast: bool) -> int:
+def training_bytes(cfg: ModelConfig, batch_size: int, corpus_chars: int, autocast: bool) -> int:
     """At least this many bytes train `cfg` on batches of `batch_size`: parameters with their
     gradients and optimizer state, the activations one micro-batch keeps for backward (2 bytes
     a value under autocast, else 4), its fp32 logits, and the corpus on the device (int64)."""
@@ -31,7 +30,7 @@ def training_bytes(cfg: ModelConfig, num_params: int, batch_size: int, corpus_ch
     if cfg.model == "gpt":
         activations = tokens * cfg.n_layer * cfg.n_embd * SAVED_PER_TOKEN_LAYER * value
     logits = tokens * cfg.vocab_size * 4
-    return num_params * BYTES_PER_PARAM + activations + logits + corpus_chars * 8
+    return cfg.num_params() * BYTES_PER_PARAM + activations + logits + corpus_chars * 8
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -67,15 +66,15 @@ def advice(cfg: ModelConfig, batch_size: int) -> str:
     return shrink
 
 
-def check_fits(device: torch.device, cfg: ModelConfig, num_params: int, batch_size: int,
-               corpus_chars: int, autocast: bool) -> None:
+def check_fits(device: torch.device, cfg: ModelConfig, batch_size: int, corpus_chars: int,
+               autocast: bool) -> None:
     """Refuse, before anything is allocated, a run that cannot fit in what `device` has free."""
-    need = training_bytes(cfg, num_params, batch_size, corpus_chars, autocast)
+    need = training_bytes(cfg, batch_size, corpus_chars, autocast)
     free = free_bytes(device)
     if free is not None and need > free:
         raise UserError(
-            f"training needs at least {need / GIB:,.1f} GiB ({_count(num_params)} parameters, "
-            f"batches of {batch_size} x {cfg.block_size} characters) but {device} has "
+            f"training needs at least {need / GIB:,.1f} GiB ({_count(cfg.num_params())} "
+            f"parameters, batches of {batch_size} x {cfg.block_size} characters) but {device} has "
             f"{free / GIB:,.1f} GiB free; {advice(cfg, batch_size)}")
 
 

@@ -241,10 +241,7 @@ class _Run:
             raise UserError("--compile with the triton backend needs CUDA: the Triton interpreter "
                             "cannot be traced")
         self.amp_dtype, amp_words = ops.precision(device)
-        with torch.device("meta"):  # the parameter count, without allocating
-            num_params = build_model(model_cfg, backend).num_params()
-        memory.check_fits(device, model_cfg, num_params, cfg.batch_size, len(text),
-                          self.amp_dtype is not None)
+        memory.check_fits(device, model_cfg, cfg.batch_size, len(text), self.amp_dtype is not None)
         # Micro-batch m of every step comes from data stream m; rank r owns a contiguous share of
         # the streams, so the global batch does not depend on the number of processes.
         per_rank = cfg.grad_accum // ctx.world_size
