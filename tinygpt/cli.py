@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback
@@ -19,6 +18,7 @@ from .config import (
     from_preset,
 )
 from .errors import UserError
+from .launch import Context, from_environment
 
 RANK_GRACE_S = 5.0  # how long a torchrun rank other than 0 waits before reporting its error
 
@@ -176,27 +176,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _torchrun_rank() -> int | None:
-    """This process's rank in a torchrun job; None outside one, or when RANK and WORLD_SIZE do
-    not describe one (then the process speaks for itself)."""
-    try:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except (KeyError, ValueError):
-        return None
-    return rank if 0 <= rank < world_size else None
-
-
 def _report(error: UserError, debug: bool) -> None:
     """One line on stderr. Every torchrun process meets the same mistakes, and torchrun stops the
     others as soon as one exits: rank 0 speaks at once, and another rank only after
     `RANK_GRACE_S`, if it is still running then (its error was its own, not rank 0's too)."""
-    rank = _torchrun_rank()
-    if rank:
+    try:
+        ctx = from_environment()
+    except UserError:  # RANK and WORLD_SIZE describe no job: this process speaks for itself
+        ctx = Context()
+    if not ctx.is_main:
         time.sleep(RANK_GRACE_S)
     if debug:
         traceback.print_exc()
-    print(f"tinygpt: error{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr,
-          flush=True)
+    tag = "" if ctx.is_main else f" (rank {ctx.rank})"
+    print(f"tinygpt: error{tag}: {error}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

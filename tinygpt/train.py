@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, memory, ops
+from . import distributed, launch, memory, ops
 from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import ModelConfig, TrainConfig, from_preset
 from .data import Batches, Tokenizer, default_corpus, read_text
@@ -211,7 +211,7 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
         model_cfg, cfg = _resume_configs(ckpt, overrides)
     else:
         model_cfg.vocab_size = tokenizer.vocab_size
-    ctx = distributed.from_environment()
+    ctx = launch.from_environment()
     if ckpt is None and overrides.get("grad_accum") is None:
         cfg.grad_accum *= ctx.world_size  # the preset's micro-batches on every process
     if cfg.grad_accum % ctx.world_size:
