@@ -46,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmarks.report import (
     CUDA,
     Timing,
+    add_out_argument,
     assert_finite,
     environment,
     peak_mib,
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="bf16 (training's) by default on CUDA; each adds a full pass")
     parser.add_argument("--quick", action="store_true",
                         help="one small shape: checks that every provider runs, not a speed")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     if not CUDA:
         print("No CUDA device: the Triton kernels run here only in their interpreter, which is "

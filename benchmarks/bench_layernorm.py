@@ -43,6 +43,7 @@ from tinygpt.kernels import add_layer_norm, layer_norm
 from benchmarks.report import (
     CUDA,
     Timing,
+    add_out_argument,
     assert_finite,
     copy_bandwidth_gbs,
     environment,
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
                              "always fp32 too, what autocast feeds LayerNorm)")
     parser.add_argument("--quick", action="store_true",
                         help="one small shape: checks that every provider runs, not a speed")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if not CUDA:

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_quality --preset cpu-baby --target 1.95
     python -m benchmarks.bench_quality --preset shakespeare-char --target 1.47   # CUDA
 
-Writes benchmarks/results/<preset>-train-<device>-<date>.md with every evaluation (step, wall
+Writes OUT/<preset>-train-<device>-<date>.md with every evaluation (step, wall
 seconds, train and val loss), the best val loss, and the wall time at which the val loss first
 reached the target. Extra arguments after `--` go to `tinygpt train` as config overrides.
 """
@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks.report import environment, write_report
+from benchmarks.report import add_out_argument, environment, write_report
 from tinygpt.train import train
 
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=1.95, help="val loss to reach")
     parser.add_argument("--data", default=str(SHARED_CORPUS) if SHARED_CORPUS.is_file() else None,
                         help="corpus (default: ../shared copy of tiny Shakespeare, else download)")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_out_argument(parser)
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
                         help="config override, e.g. --set eval_iters 50 (repeatable)")
     args = parser.parse_args()

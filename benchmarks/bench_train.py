@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from benchmarks.report import (
+    add_out_argument,
     back_to_back_ms,
     environment,
     peak_tflops,
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="10 timed steps, eager rows only: checks that the rows run, "
                              "not a speed")
-    parser.add_argument("--out", default="benchmarks/results", help="where the report goes")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     steps = 10 if args.quick else args.steps
     repeats = min(5, steps)

@@ -31,7 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from benchmarks.report import environment, write_report
+from benchmarks.report import add_out_argument, environment, write_report
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 ARCHS = (80, 86, 89, 90, 120)  # A100; RTX 30xx, A10; L4, RTX 40xx; H100, H200; RTX 50xx
@@ -212,7 +212,7 @@ def main() -> None:
                              f"{' '.join(map(str, HEAD_DIMS))}, or 64 128 with --quick)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="kernels compiled in parallel (default: one per core)")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_out_argument(parser)
     parser.add_argument("--baseline", help="an earlier report: its instruction counts go beside")
     args = parser.parse_args()
     baseline = read_baseline(args.baseline) if args.baseline else {}

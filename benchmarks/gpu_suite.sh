@@ -14,7 +14,7 @@
 # failed. Copy the tables you keep into benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
+OUT=${OUT:-bench-results}
 WORK=${WORK:-$(mktemp -d)}
 RESULTS="$WORK/results"
 mkdir -p "$OUT" "$RESULTS"

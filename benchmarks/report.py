@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from tinygpt.bench import DEFAULT_OUT
+
 CUDA = torch.cuda.is_available()
 DEVICE_TAG = "cuda" if CUDA else "cpu"  # in every result's file name
 
@@ -28,6 +30,13 @@ PEAK_BF16_TFLOPS = [
     ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
 ]
 
+
+
+def add_out_argument(parser) -> None:
+    """--out: where a script writes its results; outside the tracked results unless asked."""
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"where the results go (default: {DEFAULT_OUT}; pass --out "
+                             "benchmarks/results for results to commit)")
 
 def peak_tflops() -> float | None:
     """The current CUDA device's bf16 peak, or None when unknown (and always on the CPU)."""

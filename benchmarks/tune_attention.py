@@ -26,6 +26,7 @@ from tinygpt.kernels.reference import attention_reference
 from benchmarks.report import (
     CUDA,
     Timing,
+    add_out_argument,
     environment,
     ratio,
     release_memory,
@@ -95,7 +96,7 @@ def wrong(D: int, p: float, T: int = CHECK_T, dtype=torch.bfloat16, device=DEVIC
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results")
+    add_out_argument(parser)
     args = parser.parse_args()
     if not CUDA:
         raise SystemExit("tune_attention times kernels on a CUDA device; none is present")

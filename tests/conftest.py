@@ -11,6 +11,7 @@ in the default order and in the shuffled order `--shuffle SEED` runs (CI runs on
 
 import os
 import random
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -96,3 +97,20 @@ def small_text_file(tmp_path) -> Path:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def spawn():
+    """`subprocess.Popen` for a test: a process still running when the test ends is killed, so
+    that a failing test leaves nothing behind."""
+    started = []
+
+    def popen(*args, **kwargs) -> subprocess.Popen:
+        started.append(subprocess.Popen(*args, **kwargs))
+        return started[-1]
+
+    yield popen
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -4,13 +4,16 @@ and `tinygpt bench` gathering one report. Speed itself is never asserted here.""
 
 import importlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import bench_attention, bench_layernorm, tune_attention
 from benchmarks.report import Timing
-from tinygpt.cli import main
 
 CUDA = torch.cuda.is_available()
 
@@ -30,19 +33,33 @@ def instant_timing(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_report_accounts_for_every_provider(tmp_path, capsys):
-    assert main(["bench", "kernels", "train", "--quick", "--out", str(tmp_path)]) == 0
+def test_bench_as_the_readme_writes_it(tmp_path):
+    """`tinygpt bench --quick`, the installed command, from a directory of the user's: every
+    suite runs, the report accounts for every provider, and results land in ./bench-results,
+    not in the checkout."""
+    checkout = Path(__file__).resolve().parents[1]
+    tracked = sorted(os.listdir(checkout / "benchmarks" / "results"))
+    command = Path(sys.executable).with_name("tinygpt")
+    proc = subprocess.run([str(command), "bench", "--quick"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(checkout / "benchmarks" / "results")) == tracked
+    tmp_path = tmp_path / "bench-results"
     results = {p.stem.split("-")[0]: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert set(results) == {"attention", "layernorm", "train_step"}
+    assert set(results) == {"attention", "layernorm", "train_step", "generate"}
     expected = {
         "attention": [p.name for p in bench_attention.providers()],
         "layernorm": [p.name for p in bench_layernorm.providers()],
         "train_step": ["reference", "torch", "triton", "reference + compile",
                        "torch + compile", "triton + compile"],
+        "generate": [],  # one model, with and without its cache
     }
     report = next(tmp_path.glob("report-*.md")).read_text()
     for name, result in results.items():
         assert list(result["providers"]) == expected[name]
+        if name == "generate":
+            assert len(result["rows"]) == 3  # shift, exact, off
+            continue
         provider_column = result["headers"].index("provider")
         shown = {row[provider_column] for row in result["rows"]}
         for provider, why in result["providers"].items():
@@ -56,8 +73,8 @@ def test_bench_report_accounts_for_every_provider(tmp_path, capsys):
         for name in ("triton", "sdpa (cudnn)", "sdpa (efficient)"):
             assert results["attention"]["providers"][name]
         assert "No goal judged" in report
-    assert "suites: kernels, train" in report and "- torch: `" in report
-    assert "## attention-" in report and "## train_step-" in report
+    assert "suites: kernels, train, generate" in report and "- torch: `" in report
+    assert "## attention-" in report and "## train_step-" in report and "## generate-" in report
 
 
 def test_out_of_memory_in_a_provider_is_a_row_with_its_reason(instant_timing):

@@ -2,6 +2,7 @@
 imported), through the Python API, and in the checkpoints that are loaded."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import tinygpt
 from tinygpt import cli
 from tinygpt.checkpoint import save_checkpoint
 from tinygpt.cli import main
@@ -58,6 +60,15 @@ BAD_ARGUMENTS = {
     "negative length": (["sample", "--max-new-tokens", "-1"], "max_new_tokens must be at least 0"),
     "no samples": (["sample", "--num-samples", "0"], "num_samples must be at least 1"),
     "empty prompt": (["sample", "--prompt", ""], "--prompt must contain at least one character"),
+    "resume with a preset": (["train", "--resume", "--preset", "bigram"],
+                             "--resume and --preset cannot be used together"),
+    "resume with overwrite": (["train", "--resume", "--overwrite"],
+                              "--resume and --overwrite cannot be used together"),
+    "new data without resume": (["train", "--new-data", "--data", "x.txt"],
+                                "--new-data cannot be used here: it goes with --resume --data"),
+    "threads 0": (["train", "--threads", "0"], "argument --threads: must be a whole number"),
+    "sample threads": (["sample", "--threads", "two"], "argument --threads: must be a whole"),
+    "unknown suite": (["bench", "speed"], "argument SUITE: unknown suite 'speed'; choose from"),
 }
 
 _PROBE = """
@@ -65,13 +76,13 @@ import contextlib, io, json, sys
 from tinygpt.cli import main
 results = {}
 for name, argv in json.loads(sys.argv[1]).items():
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             rc = main(argv)
         except SystemExit as e:
             rc = e.code
-    results[name] = [rc, err.getvalue()]
+    results[name] = [rc, err.getvalue(), out.getvalue()]
 print(json.dumps({"results": results, "imported": sorted(
     m for m in ("torch", "triton", "numpy") if m in sys.modules)}))
 """
@@ -79,14 +90,18 @@ print(json.dumps({"results": results, "imported": sorted(
 
 @pytest.fixture(scope="module")
 def answers(tmp_path_factory):
-    """Every bad command line of BAD_ARGUMENTS, and both --help pages, in one fresh process."""
+    """Every bad command line of BAD_ARGUMENTS, the --help pages and --version, in one fresh
+    process."""
     out = tmp_path_factory.mktemp("answers") / "out"
     cases = {name: [*argv, *(["--out-dir", str(out)] if argv[0] == "train" and
                              "--out-dir" not in argv else [])]
              for name, (argv, _) in BAD_ARGUMENTS.items()}
-    cases.update({"train help": ["train", "--help"], "sample help": ["sample", "--help"]})
+    cases.update({"train help": ["train", "--help"], "sample help": ["sample", "--help"],
+                  "cpu-baby help": ["train", "--preset", "cpu-baby", "--help"],
+                  "version": ["--version"]})
     proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(cases)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "300"})  # help lines unwrapped
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), out
 
@@ -94,7 +109,7 @@ def answers(tmp_path_factory):
 @pytest.mark.parametrize("name", BAD_ARGUMENTS)
 def test_bad_argument_is_one_line(answers, name):
     found, out = answers
-    rc, err = found["results"][name]
+    rc, err, _ = found["results"][name]
     needle = BAD_ARGUMENTS[name][1]
     assert rc == 2, err
     assert err.startswith("tinygpt: error: ") and err.count("\n") == 1, err
@@ -105,9 +120,39 @@ def test_bad_argument_is_one_line(answers, name):
 def test_arguments_are_answered_before_torch_is_imported(answers):
     found, _ = answers
     assert found["imported"] == []
-    for page in ("train help", "sample help"):
-        rc, _ = found["results"][page]
+    for page in ("train help", "sample help", "cpu-baby help", "version"):
+        rc, _, _ = found["results"][page]
         assert rc == 0
+
+
+def test_help_shows_every_default(answers):
+    """Each preset's values where they differ; one preset's with --preset; every sample flag."""
+    pages = {name: re.sub(r"\s+", " ", found[2])
+             for name, found in answers[0]["results"].items() if found[2]}
+    assert "transformer blocks (default: shakespeare-char: 6, cpu-baby: 4, bigram: 6)" in (
+        pages["train help"])
+    assert "AdamW beta1 (default: 0.9)" in pages["train help"]
+    assert "transformer blocks (default: 4)" in pages["cpu-baby help"]
+    assert "(defaults: preset cpu-baby's)" in pages["cpu-baby help"]
+    options = answers[0]["results"]["sample help"][2].split("options:", 1)[1]
+    flags = re.split(r"\n  (?=--)", options)[1:]  # each flag with its help
+    assert len(flags) == 13 and flags[0].startswith("--ckpt")
+    for flag in flags:
+        assert "(default: " in flag, flag
+    assert answers[0]["results"]["version"][2] == f"tinygpt {tinygpt.__version__}\n"
+
+
+@pytest.mark.parametrize("preset", ["shakespeare-char", "cpu-baby", "bigram"])
+def test_max_iters_scales_the_schedule(preset):
+    """--max-iters alone moves warm-up and decay in proportion (the decay ends at the last step,
+    as in every preset); either, given, is kept."""
+    _, base = from_preset(preset)
+    _, short = from_preset(preset, max_iters=300)
+    assert short.lr_decay_iters == 300 == round(base.lr_decay_iters * 300 / base.max_iters)
+    assert short.warmup_iters == round(base.warmup_iters * 300 / base.max_iters)
+    _, kept = from_preset(preset, max_iters=300, lr_decay_iters=250, warmup_iters=7)
+    assert (kept.lr_decay_iters, kept.warmup_iters) == (250, 7)
+    assert from_preset(preset, lr=1e-3)[1].lr_decay_iters == base.lr_decay_iters
 
 
 @pytest.mark.parametrize("config,needle", [

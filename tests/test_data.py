@@ -51,6 +51,16 @@ def test_read_text_rejects_bad_files(tmp_path, content, message):
         read_text(path)
 
 
+def test_read_text_drops_a_byte_order_mark(tmp_path):
+    """Some editors start UTF-8 files with U+FEFF: it is not a character of the text."""
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffhello\ufeff".encode("utf-8"))
+    assert read_text(path) == "hello\ufeff"  # only the leading mark goes
+    path.write_bytes(b"\xef\xbb\xbf")
+    with pytest.raises(UserError, match="empty"):
+        read_text(path)
+
+
 def test_read_text_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         read_text(tmp_path / "absent.txt")

@@ -53,9 +53,10 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path, corpus_path):
     micro-batches that one process with --grad-accum 2 steps on."""
     proc = torchrun(2, corpus_path, tmp_path / "two", max_iters=6, eval_interval=3,
                     grad_accum=None)
-    assert proc.stderr.count("tinygpt: gpt") == 1  # only rank 0 speaks
+    assert proc.stderr.count("tinygpt: preset") == 1  # only rank 0 speaks
     assert "| 2 processes x 1 micro-batch of 4 (global batch 8)" in proc.stderr
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".tinygpt.lock", "best.pt",
+                                                                 "last.pt"]
     single = train("cpu-baby", {**ARGS, "max_iters": 6, "eval_interval": 3,
                                 "out_dir": str(tmp_path / "one")}, data=str(corpus_path))
     two = load_checkpoint(tmp_path / "two" / "last.pt")

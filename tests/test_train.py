@@ -1,17 +1,21 @@
 """Training, checkpoints, resuming, sampling and the command line, on tiny CPU models."""
 
 import collections
+import hashlib
 import math
 import os
+import resource
 import signal
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tinygpt import checkpoint as ckpt_mod
+from tinygpt import train as train_mod
 from tinygpt.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig
@@ -99,8 +103,9 @@ def test_checkpoint_bytes_reach_the_disk_before_its_name(tmp_path, monkeypatch):
 
 
 def test_resume_continues_exactly(tmp_path, corpus_path):
-    full = tiny_run(tmp_path / "a", corpus_path, max_iters=30, eval_interval=10, dropout=0.1)
-    tiny_run(tmp_path / "b", corpus_path, max_iters=20, eval_interval=10, dropout=0.1)
+    schedule = dict(eval_interval=10, lr_decay_iters=30, dropout=0.1)  # one for both runs
+    full = tiny_run(tmp_path / "a", corpus_path, max_iters=30, **schedule)
+    tiny_run(tmp_path / "b", corpus_path, max_iters=20, **schedule)
     assert load_checkpoint(tmp_path / "b" / "out" / "last.pt")["iteration"] == 20
     resumed = train("cpu-baby", {"max_iters": 30, "out_dir": str(tmp_path / "b" / "out")},
                     data=str(corpus_path), resume=True, log_interval=1000)
@@ -120,8 +125,10 @@ def test_resume_rejects_other_model_or_data(tmp_path, corpus_path):
         train("cpu-baby", {"out_dir": out, "n_layer": 3}, data=str(corpus_path), resume=True)
     digits = tmp_path / "digits.txt"  # a vocabulary of digits and a space, unlike any corpus's
     digits.write_text(" ".join(map(str, range(5000))), encoding="utf-8")
-    with pytest.raises(UserError, match="different vocabulary"):
+    with pytest.raises(UserError, match="digits.txt is not the text .*--new-data"):
         train("cpu-baby", {"out_dir": out}, data=str(digits), resume=True)
+    with pytest.raises(UserError, match="different vocabulary"):
+        train("cpu-baby", {"out_dir": out}, data=str(digits), resume=True, new_data=True)
 
 
 def test_sampling_is_seeded(tmp_path, corpus_path, capsys):
@@ -217,20 +224,88 @@ def test_checkpoint_refuses_arbitrary_objects(tmp_path):
         load_checkpoint(path)
 
 
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, {"iteration": 1})
-    before = path.read_bytes()
+def test_a_full_disk_keeps_the_previous_checkpoints(tmp_path, capsys, corpus_path):
+    """Files may not grow past a third of a checkpoint (RLIMIT_FSIZE: the kernel refuses the
+    write with EFBIG, as a full disk does with ENOSPC): the save fails in one line naming the
+    file and the reason, and the checkpoints before are untouched, with no debris beside them."""
+    tiny_run(tmp_path, corpus_path, max_iters=2, eval_interval=2)
+    out = tmp_path / "out"
+    before = {name: (out / name).read_bytes() for name in ("best.pt", "last.pt")}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before["last.pt"]) // 3, hard))
+    try:
+        rc, _, err = run_cli(capsys, "train", "--resume", "--max-iters", "4", "--out-dir",
+                             str(out))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    last_line = err.strip().splitlines()[-1]
+    _one_line_error(rc, last_line, f"could not write checkpoint {out}/")
+    assert last_line.endswith(".pt (File too large); the previous checkpoint there is unchanged")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.iterdir()) == [".tinygpt.lock", "best.pt", "last.pt"]
 
-    def dies_halfway(obj, f):
-        f.write(b"partial")
-        raise OSError("No space left on device")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", dies_halfway)
-    with pytest.raises(UserError, match="No space left on device.*previous checkpoint"):
-        save_checkpoint(path, {"iteration": 2})
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+def test_unreadable_inputs_are_one_line(tmp_path, capsys, corpus_path, monkeypatch):
+    """A data file the user may not read (root reads anything, so the refusal is simulated where
+    the file is read) and a checkpoint that is a directory."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("x" * 1000)
+    read_bytes = Path.read_bytes
+
+    def denied(path):
+        if path == secret:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(secret),
+                         "--device", "cpu", "--out-dir", str(tmp_path / "out"))
+    _one_line_error(rc, err, f"cannot read data file {secret} (Permission denied)")
+    (tmp_path / "out" / "last.pt").mkdir(parents=True)
+    rc, _, err = run_cli(capsys, "train", "--resume", "--out-dir", str(tmp_path / "out"))
+    _one_line_error(rc, err, f"cannot read checkpoint {tmp_path}/out/last.pt (Is a directory)")
+
+
+def test_resume_finds_its_data_and_notices_a_change(tmp_path, corpus_path):
+    """A checkpoint names its text (path and sha256): --resume needs no --data, and refuses a
+    changed or missing text unless told otherwise."""
+    text = tmp_path / "text.txt"
+    text.write_bytes(corpus_path.read_bytes())
+    tiny_run(tmp_path, text, max_iters=2, eval_interval=2)
+    out = str(tmp_path / "out")
+    assert train("cpu-baby", {"out_dir": out, "max_iters": 4}, resume=True,
+                 log_interval=1000)["iterations"] == 4
+    assert load_checkpoint(tmp_path / "out" / "last.pt")["data"] == {
+        "path": str(text.resolve()), "sha256": hashlib.sha256(text.read_bytes()).hexdigest()}
+    with text.open("a") as f:
+        f.write("an extra line\n")
+    with pytest.raises(UserError, match="text.txt is not the text .*/out/last.pt was trained on "
+                                        r"\(.*text.txt, sha256 [0-9a-f]{12}\.\.\.\); resume on "
+                                        "that text, or pass --new-data"):
+        train("cpu-baby", {"out_dir": out, "max_iters": 6}, resume=True)
+    assert train("cpu-baby", {"out_dir": out, "max_iters": 6}, data=str(text), resume=True,
+                 new_data=True, log_interval=1000)["iterations"] == 6
+    text.unlink()
+    with pytest.raises(UserError, match="was trained on .*text.txt, which is not there any more"):
+        train("cpu-baby", {"out_dir": out, "max_iters": 8}, resume=True)
+
+
+def test_threads_are_set_shown_and_questioned_on_a_busy_machine(tmp_path, capsys, corpus_path,
+                                                              monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.5, 9.0, 8.0))
+    threads = torch.get_num_threads()
+    try:
+        rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--threads", "2",
+                             "--data", str(corpus_path), "--device", "cpu", "--max-iters", "1",
+                             "--n-layer", "1", "--eval-iters", "1", "--out-dir",
+                             str(tmp_path / "out"))
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0, err
+    assert "(fp32, 2 threads, --threads N to change; load average 9.5 on " in err
+    assert "--threads 1 may be much faster)" in err
 
 
 def test_nan_loss_stops_cleanly(tmp_path, corpus_path, capsys):
@@ -281,7 +356,8 @@ def test_training_killed_while_writing_keeps_the_previous_checkpoint(tmp_path, c
     resumed = train("cpu-baby", {"out_dir": str(out)}, data=str(corpus_path), resume=True,
                     log_interval=1000)
     assert resumed["iterations"] == 10  # and training goes on from it
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt"]  # debris cleared
+    assert sorted(p.name for p in out.iterdir()) == [".tinygpt.lock", "best.pt",
+                                                     "last.pt"]  # debris cleared
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])
@@ -351,7 +427,7 @@ def test_out_of_memory_in_the_first_step_writes_nothing(tmp_path, capsys, corpus
     out = tmp_path / "out"
     rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
                          "--device", "cpu", "--out-dir", str(out))
-    assert err.startswith("tinygpt: gpt")  # the start line, then the error
+    assert err.startswith("tinygpt: preset")  # the start line, then the error
     _one_line_error(rc, err.strip().splitlines()[-1] + "\n",
                     "out of memory on cpu while trying a training step; lower --batch-size (12) "
                     "or --block-size (64), or the model's --n-layer (4) or --n-embd (128) "
@@ -388,21 +464,21 @@ def test_checkpoint_vocabulary_must_match_its_embedding(tmp_path, capsys, corpus
     _one_line_error(rc, err, "characters in its vocabulary but a model built for")
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_finishes_the_step_saves_and_exits(tmp_path, corpus_path, sig, code):
-    """Through `python -m tinygpt`, as a user's Ctrl-C or a scheduler's SIGTERM would arrive."""
+def test_ctrl_c_finishes_the_step_saves_and_exits(tmp_path, corpus_path, spawn):
+    """Through `python -m tinygpt`, as a user's Ctrl-C would arrive (SIGTERM: test_rundir.py)."""
     cmd = [sys.executable, "-m", "tinygpt", "train", "--preset", "cpu-baby",
            "--data", str(corpus_path), "--device", "cpu", "--n-layer", "1", "--n-embd", "32",
            "--max-iters", "100000", "--eval-interval", "100000", "--eval-iters", "1",
            "--log-interval", "1", "--out-dir", str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    proc = spawn(cmd, stderr=subprocess.PIPE, text=True,  # even if SIGINT is ignored here
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:  # wait until training steps are running
         if "/100000 loss" in line:
             break
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
-    assert f"stopped by {sig.name}" in err
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in err
     assert load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] >= 1
 
 
@@ -421,30 +497,19 @@ def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path, capsys):
     _one_line_error(rc, err, "unreadable model_config")
 
 
-class _StopAfter:
-    """Stands in for StopRequest: reports SIGINT once the loop has asked `steps` times (it asks
-    once per step in a single process)."""
-
-    def __init__(self, steps: int):
-        self.left = steps
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    @property
-    def signum(self):
-        self.left -= 1
-        return signal.SIGINT if self.left <= 0 else None
-
-
 def test_interrupted_on_an_evaluation_step_resumes_exactly(tmp_path, corpus_path, monkeypatch):
     full = tiny_run(tmp_path / "a", corpus_path, max_iters=20, eval_interval=10, dropout=0.1)
-    monkeypatch.setattr("tinygpt.train.StopRequest", lambda: _StopAfter(10))
+    step = train_mod._Run.step
+
+    def step_then_signal(run, it):  # a SIGTERM right after step 10
+        loss = step(run, it)
+        if it + 1 == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(train_mod._Run, "step", step_then_signal)
     stopped = tiny_run(tmp_path / "b", corpus_path, max_iters=20, eval_interval=10, dropout=0.1)
-    assert stopped["interrupted_by"] == signal.SIGINT and stopped["iterations"] == 10
+    assert stopped["interrupted_by"] == signal.SIGTERM and stopped["iterations"] == 10
     assert [h["iter"] for h in stopped["history"]] == [0]  # stopped before step 10's evaluation
     monkeypatch.undo()
     resumed = train("cpu-baby", {"out_dir": str(tmp_path / "b" / "out")}, data=str(corpus_path),
@@ -484,8 +549,12 @@ def test_a_new_run_does_not_clobber_an_old_one(tmp_path, corpus_path, capsys):
     before = (tmp_path / "out" / "last.pt").read_bytes()
     rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
                          "--device", "cpu", "--out-dir", str(tmp_path / "out"))
-    _one_line_error(rc, err, "already holds a run")
+    _one_line_error(rc, err, "already holds a run (last.pt, best.pt)")
     assert (tmp_path / "out" / "last.pt").read_bytes() == before
+    (tmp_path / "out" / "last.pt").unlink()  # a best.pt alone is a run's result too
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
+                         "--device", "cpu", "--out-dir", str(tmp_path / "out"))
+    _one_line_error(rc, err, "already holds a run (best.pt)")
     summary = train("cpu-baby", {**TINY, "max_iters": 1, "eval_interval": 1,
                                  "out_dir": str(tmp_path / "out")},
                     data=str(corpus_path), overwrite=True)

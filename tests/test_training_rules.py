@@ -108,3 +108,24 @@ def test_evaluation_leaves_the_training_trajectory_alone(tmp_path, small_text_fi
     assert len(often["history"]) == 7 and len(once["history"]) == 2
     a, b = often["model"].state_dict(), once["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_long_evaluation_shows_its_progress_and_leaves_it_out_of_the_speed(monkeypatch,
+                                                                             capsys):
+    """Off a terminal: a line every 30 s of an evaluation (none for a short one), and ms/iter
+    measured without the evaluation's time."""
+    now = [0.0]
+    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: now[0])
+    progress = train_mod.Progress(total=100, tokens_per_iter=1000)
+    progress.update(10, 2.5)
+    for t, done in [(1.0, 0), (20.0, 100), (31.0, 200), (50.0, 300), (61.5, 390)]:
+        now[0] = t
+        progress.evaluating(10, done, 400)
+    progress.exclude(61.0)  # the evaluation took 61 s ...
+    now[0] = 63.0
+    progress.update(20, 2.4)  # ... and the 10 steps around it 2 s
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "evaluating step 10: batch 200/400 (30 s)",
+        "evaluating step 10: batch 390/400 (60 s)",
+        "[####................] 20/100 loss 2.4000 | 200.0 ms/iter | 5,000 tok/s",
+    ]

@@ -1,11 +1,13 @@
 """`tinygpt bench`: run the benchmark scripts of a source checkout and gather one dated report.
 
 The scripts live in the repository's `benchmarks/` folder (they are not installed with the
-package), so this command needs the checkout that an editable install (`pip install -e .`) uses.
+package), so this command needs the checkout that an editable install (`pip install -e .`) uses,
+and the `bench` extra: pytest (the scripts hold pytest entries too) and matplotlib (plots).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from .errors import UserError
 
+DEFAULT_OUT = "bench-results"
 SUITES = {
     "kernels": ["bench_layernorm", "bench_attention"],
     "train": ["bench_train"],
@@ -31,15 +34,27 @@ def repository_root() -> Path:
 def run_benchmarks(suites: list[str], out_dir: str, quick: bool = False) -> Path:
     """Run the chosen suites, then gather what they wrote into OUT_DIR/report-DEVICE-DATE.md."""
     root = repository_root()
+    if importlib.util.find_spec("pytest") is None:
+        raise UserError('tinygpt bench needs pytest (its scripts hold pytest entries too): '
+                        'pip install -e ".[bench]" in the checkout')
+    if importlib.util.find_spec("matplotlib") is None:
+        print('matplotlib is not installed: the report will have no plots '
+              '(pip install -e ".[bench]" in the checkout)', flush=True)
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output directory {out} ({e.strerror or e})") from e
     started = time.time()
     failures = []
     for suite in suites:
         for script in SUITES[suite]:
             print(f"== {script}", flush=True)
+            t0 = time.perf_counter()
             rc = subprocess.call([sys.executable, "-m", f"benchmarks.{script}", "--out", str(out),
                                   *(["--quick"] if quick else [])], cwd=root)
+            print(f"== {script}: {'exit ' + str(rc) if rc else 'done'} in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
             if rc:
                 failures.append(f"{script} (exit {rc})")
     written = sorted(p for p in out.glob("*.json") if p.stat().st_mtime >= started)

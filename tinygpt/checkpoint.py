@@ -6,6 +6,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts saved
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from .config import ModelConfig, TrainConfig
 from .errors import UserError
+from .rundir import os_reason
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "train_config", "model", "iteration", "vocab")
@@ -21,43 +23,48 @@ REQUIRED_KEYS = ("format_version", "model_config", "train_config", "model", "ite
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     """Write `payload` to `path` so that a crash at any moment leaves either the old or the new
-    file, never a partial one: temporary file, flush, fsync, rename, fsync the directory.
-    A failed write (a full disk, say) raises UserError and leaves the old file as it was."""
+    file, never a partial one: a temporary file of this process's own, flush, fsync, rename, fsync
+    the directory. A failed write (a full disk, say) raises UserError naming the path and the
+    reason, and leaves the old file as it was."""
     path = Path(path)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a crash mid-write
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
-    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                   suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); "
-                            "the previous checkpoint there is unchanged") from e
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        tmp = None
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except (OSError, RuntimeError) as e:
+        reason = os_reason(e)
+        if isinstance(e, RuntimeError) and reason == str(e):
+            raise  # torch failed for a reason of its own, not the file system's
+        raise UserError(f"could not write checkpoint {path} ({reason}); the previous "
+                        "checkpoint there is unchanged") from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read and check a checkpoint; every problem becomes one UserError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except OSError as e:  # unreadable, a directory, ...
+        raise UserError(f"cannot read checkpoint {path} ({os_reason(e)})") from e
     except Exception as e:  # truncated zip, bad pickle, disallowed global, ...
         reason = str(e).strip().split("\n")[0].split(". ")[0] or type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt or truncated ({reason})") from e
@@ -89,6 +96,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if len(vocab) != vocab_size:
         raise UserError(f"checkpoint {path} has {len(vocab)} characters in its vocabulary but a "
                         f"model built for {vocab_size}")
+    data = ckpt.get("data")  # absent from checkpoints older than the record
+    if data is not None and not (
+            isinstance(data, dict) and isinstance(data.get("path"), str)
+            and isinstance(data.get("sha256"), str) and len(data["sha256"]) == 64):
+        raise UserError(f"checkpoint {path} has a malformed data record ({data!r:.80})")
     iteration, weights = ckpt["iteration"], ckpt["model"]
     if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
         raise UserError(f"checkpoint {path} has a malformed iteration ({iteration!r})")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from . import __version__
+from .bench import DEFAULT_OUT, SUITES
 from .config import (
     PRESETS,
     ModelConfig,
@@ -17,21 +20,22 @@ from .config import (
     fields_of,
     from_preset,
 )
-from .errors import UserError
+from .errors import Stopped, UserError
 from .launch import Context, from_environment
 
 RANK_GRACE_S = 5.0  # how long a torchrun rank other than 0 waits before reporting its error
 
 
-def _add_config_flags(group, cls, defaults: bool) -> None:
-    """One flag per field of `cls` (`n_layer` -> `--n-layer`). With `defaults`, a flag left out
-    takes the field's default; without, it is None and the preset's value stands."""
+def _add_config_flags(group, cls, shown: dict[str, str] | None = None) -> None:
+    """One flag per field of `cls` (`n_layer` -> `--n-layer`). Without `shown`, a flag left out
+    takes the field's default; with it, it is None (the preset's value stands) and its help shows
+    `shown[name]` as the default."""
     for f in fields_of(cls):
         if not f.metadata.get("cli", True):
             continue
-        shown = defaults and f.default is not None
-        kwargs = {"dest": f.name, "default": f.default if defaults else None,
-                  "help": f.metadata["help"] + (" (default: %(default)s)" if shown else "")}
+        default = shown[f.name] if shown else "off" if f.default is None else f.default
+        kwargs = {"dest": f.name, "default": None if shown else f.default,
+                  "help": f"{f.metadata['help']} (default: {default})".replace("%", "%%")}
         kind = f.type.removesuffix(" | None")
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -44,11 +48,37 @@ def _add_config_flags(group, cls, defaults: bool) -> None:
 
 
 def _preset_table() -> str:
-    lines = ["presets:"]
+    lines = ["presets (the values they set; `--preset NAME --help` shows every default of one):"]
     for name, values in PRESETS.items():
-        shown = ", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults below"
+        shown = ", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults of the options"
         lines.append(f"  {name:17s} {shown}")
     return "\n".join(lines)
+
+
+def _preset_defaults(chosen: str | None) -> dict[str, str]:
+    """Each config field's default as `train --help` shows it: the chosen preset's value, or
+    every preset's where they differ."""
+    names = [chosen] if chosen in PRESETS else list(PRESETS)
+    configs = {}
+    for name in names:
+        model, train = from_preset(name)
+        configs[name] = {**vars(model), **vars(train)}
+    shown = {}
+    for field, value in configs[names[0]].items():
+        values = {name: config[field] for name, config in configs.items()}
+        shown[field] = (str(value) if len(set(map(str, values.values()))) == 1 else
+                        ", ".join(f"{name}: {v}" for name, v in values.items()))
+    return shown
+
+
+def _preset_in(argv: list[str]) -> str | None:
+    """The value of --preset in `argv`, read before parsing so that help can show its defaults."""
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,10 +88,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tinygpt: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _threads(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of threads (1 or more), "
+                                         f"got {value!r}")
+    return int(value)
+
+
+def _suite(value: str) -> str:
+    if value not in SUITES:
+        raise argparse.ArgumentTypeError(f"unknown suite {value!r}; choose from "
+                                         f"{', '.join(SUITES)}")
+    return value
+
+
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `train --help` shows the defaults of `preset`, or of every preset."""
     parser = _Parser(
         prog="tinygpt", description="Train and sample a character-level GPT.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"tinygpt {__version__}")
+    threads_help = ("CPU threads for torch (default: torch's choice, shown in the start line; "
+                    "fewer can be much faster on a machine busy with other work)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser(
@@ -69,38 +117,50 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train on tiny Shakespeare (downloaded once and cached) or on --data FILE. "
                     "Checkpoints: OUT_DIR/best.pt (best val loss) and OUT_DIR/last.pt.")
-    train.add_argument("--preset", help="named configuration (default: shakespeare-char on "
-                                        "CUDA, cpu-baby elsewhere)")
-    train.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on")
+    train.add_argument("--preset", metavar="NAME",
+                       help=f"named configuration: {', '.join(PRESETS)} (default: "
+                            "shakespeare-char on CUDA, cpu-baby elsewhere)")
+    train.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on (default: "
+                                                      "tiny Shakespeare, or a resumed run's own)")
     train.add_argument("--resume", action="store_true",
-                       help="continue from OUT_DIR/last.pt (training options may be changed)")
+                       help="continue from OUT_DIR/last.pt, on the data file it names (training "
+                            "options may be changed)")
+    train.add_argument("--new-data", action="store_true",
+                       help="with --resume: go on with --data FILE, a text other than the "
+                            "checkpoint's (same characters)")
     train.add_argument("--overwrite", action="store_true",
                        help="start afresh in an OUT_DIR that holds another run's checkpoints")
     train.add_argument("--log-interval", type=int, default=10, metavar="N",
                        help="report the training loss every N steps (default: 10)")
+    train.add_argument("--threads", type=_threads, metavar="N", help=threads_help)
+    defaults = _preset_defaults(preset)
+    whose = f"preset {preset}'s" if preset in PRESETS else "each preset's"
     for cls, title in ((ModelConfig, "model"), (TrainConfig, "training")):
-        group = train.add_argument_group(f"{title} options (default: the preset's value)")
-        _add_config_flags(group, cls, defaults=False)
+        group = train.add_argument_group(f"{title} options (defaults: {whose})")
+        _add_config_flags(group, cls, defaults)
 
     sample = sub.add_parser("sample", help="generate text from a checkpoint")
     sample.add_argument("--ckpt", metavar="PATH", help="checkpoint (default: OUT_DIR/best.pt)")
-    sample.add_argument("--out-dir", default="out", help="where `train` wrote its checkpoints")
+    sample.add_argument("--out-dir", default="out",
+                        help="where `train` wrote its checkpoints (default: out)")
     sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    _add_config_flags(sample.add_argument_group("sampling options"), SampleConfig, defaults=True)
+    _add_config_flags(sample.add_argument_group("sampling options"), SampleConfig)
     sample.add_argument("--device", default="auto",
-                        help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+                        help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu "
+                             "(default: auto)")
     sample.add_argument("--backend", default="auto", choices=("auto", "triton", "torch",
                                                                "reference"),
                         help="attention/LayerNorm implementation (default: auto)")
+    sample.add_argument("--threads", type=_threads, metavar="N", help=threads_help)
 
     bench = sub.add_parser(
         "bench", help="run the benchmarks and write a dated report (needs a source checkout)",
         description="Run the kernel, training-step and generation benchmarks and gather their "
                     "tables and plots in OUT/report-DEVICE-DATE.md.")
-    bench.add_argument("suites", nargs="*", default=["kernels", "train", "generate"],
-                       choices=["kernels", "train", "generate"], metavar="SUITE",
-                       help="kernels, train and/or generate (default: all three)")
-    bench.add_argument("--out", default="benchmarks/results", help="where results go")
+    bench.add_argument("suites", nargs="*", type=_suite, metavar="SUITE",
+                       help=f"{', '.join(SUITES)} (default: all)")
+    bench.add_argument("--out", default=DEFAULT_OUT,
+                       help=f"where the results and the report go (default: {DEFAULT_OUT})")
     bench.add_argument("--quick", action="store_true",
                        help="small shapes and few steps: checks that everything runs, not a speed")
     return parser
@@ -109,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks
 
-    run_benchmarks(args.suites, args.out, args.quick)
+    run_benchmarks(args.suites or list(SUITES), args.out, args.quick)
     return 0
 
 
@@ -118,6 +178,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.log_interval < 1:
         raise UserError(f"--log-interval must be at least 1, got {args.log_interval}")
+    conflicts = [("--resume", args.resume and args.preset is not None, "--preset",
+                  "a resumed run keeps the configuration in its checkpoint"),
+                 ("--resume", args.resume and args.overwrite, "--overwrite",
+                  "--overwrite starts a new run, --resume continues the old one"),
+                 ("--new-data", args.new_data and not (args.resume and args.data), "",
+                  "it goes with --resume --data FILE")]
+    for flag, clash, other, why in conflicts:
+        if clash:
+            raise UserError(f"{flag} {'and ' + other + ' ' if other else ''}cannot be used "
+                            f"{'together' if other else 'here'}: {why}")
     for cls in (ModelConfig, TrainConfig):  # answered before torch is imported
         check_values(cls, overrides)
     if args.preset is not None:
@@ -125,12 +195,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .train import pick_device, train
 
+    _set_threads(args.threads)
     preset = args.preset
     if preset is None and not args.resume:
         cuda = pick_device(overrides.get("device", "auto")).type == "cuda"
         preset = "shakespeare-char" if cuda else "cpu-baby"
     summary = train(preset or "shakespeare-char", overrides, data=args.data, resume=args.resume,
-                    log_interval=args.log_interval, overwrite=args.overwrite)
+                    log_interval=args.log_interval, overwrite=args.overwrite,
+                    new_data=args.new_data)
     signum = summary["interrupted_by"]
     return 128 + signum if signum else 0
 
@@ -150,6 +222,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .model import attention_shape, build_model
     from .train import pick_device
 
+    _set_threads(args.threads)
     path = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "best.pt"
     ckpt = load_checkpoint(path)
     device = pick_device(args.device)
@@ -176,6 +249,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _report(error: UserError, debug: bool) -> None:
     """One line on stderr. Every torchrun process meets the same mistakes, and torchrun stops the
     others as soon as one exits: rank 0 speaks at once, and another rank only after
@@ -193,13 +273,19 @@ def _report(error: UserError, debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_preset_in(argv)).parse_args(argv)
     try:
         commands = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as e:
         _report(e, args.debug)
         return 2
+    except Stopped as e:  # before training began
+        if from_environment().is_main:
+            print(f"tinygpt: stopped by {signal.Signals(e.signum).name} before the first step; "
+                  "nothing was written", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("tinygpt: interrupted", file=sys.stderr)
         return 130

@@ -113,7 +113,8 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step (global batch: batch_size x "
                             "grad_accum), shared out among torchrun processes; left out under "
                             "torchrun, each process takes the preset's number", at_least=1)
-    max_iters: int = _f(5000, "optimizer steps in total", at_least=0)
+    max_iters: int = _f(5000, "optimizer steps in total; a new run's warm-up and decay scale "
+                              "with it unless given", at_least=0)
     lr: float = _f(1e-3, "peak learning rate (AdamW)", above=0.0)
     min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay (at most lr)",
                        at_least=0.0)
@@ -183,15 +184,24 @@ def fields_of(cls) -> list[dataclasses.Field]:
 
 
 def from_preset(name: str, **overrides) -> tuple[ModelConfig, TrainConfig]:
-    """Both configs for a named preset, with `overrides` (any field of either) applied."""
+    """Both configs for a named preset, with `overrides` (any field of either) applied. A
+    `max_iters` override scales the preset's warm-up and decay with it, each unless given."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = {**PRESETS[name], **given}
     model_names = {f.name for f in fields_of(ModelConfig)}
     train_names = {f.name for f in fields_of(TrainConfig)}
     unknown = set(values) - model_names - train_names
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    if "max_iters" in given:  # the schedule keeps its shape: warm-up and decay scale with it
+        check_values(TrainConfig, given)
+        preset = TrainConfig(**{k: v for k, v in PRESETS[name].items() if k in train_names})
+        for key in ("warmup_iters", "lr_decay_iters"):
+            if key not in given:
+                values[key] = round(getattr(preset, key) * given["max_iters"]
+                                    / max(1, preset.max_iters))
     model = ModelConfig(**{k: v for k, v in values.items() if k in model_names})
     train = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
     model.validate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import sys
@@ -38,16 +39,20 @@ def cache_dir() -> Path:
 
 def _unusable_cache(directory: Path, e: OSError) -> UserError:
     named = " (from TINYGPT_CACHE)" if os.environ.get("TINYGPT_CACHE") else ""
-    if directory.exists() and not directory.is_dir():
+    if os.path.exists(directory) and not os.path.isdir(directory):
         problem = "is not a directory"
     else:
-        problem = f"cannot be written ({e.strerror or e})"
+        problem = f"cannot be used ({e.strerror or e})"
     return UserError(f"cache directory {directory}{named} {problem}; set TINYGPT_CACHE to a "
                      "writable directory, or pass a text file with --data FILE")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def default_corpus() -> Path:
@@ -57,9 +62,9 @@ def default_corpus() -> Path:
     matches, so an interrupted or corrupted download never spoils a good cache.
     """
     path = cache_dir() / "tinyshakespeare.txt"
-    if path.is_file() and _sha256(path) == SHAKESPEARE_SHA256:
-        return path
     try:
+        if path.is_file() and file_sha256(path) == SHAKESPEARE_SHA256:
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".download-")
     except OSError as e:
@@ -68,7 +73,7 @@ def default_corpus() -> Path:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
             out.write(r.read())
-        if _sha256(Path(tmp)) != SHAKESPEARE_SHA256:
+        if file_sha256(tmp) != SHAKESPEARE_SHA256:
             raise UserError(
                 f"the download from {SHAKESPEARE_URL} does not match its sha256; "
                 "pass your own copy with --data FILE"
@@ -85,13 +90,18 @@ def default_corpus() -> Path:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """The whole file as text, or a UserError saying why it cannot be a corpus."""
+    """The whole file as text, less a byte-order mark, or a UserError saying why it cannot be a
+    corpus."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"data file not found: {path}")
-    if not path.is_file():
-        raise UserError(f"data path is not a file: {path}")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"data file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"data path is not a file: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read data file {path} ({e.strerror or e})") from e
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # some editors start UTF-8 files with one
     if not raw:
         raise UserError(f"data file is empty: {path}")
     if b"\x00" in raw:

@@ -1,9 +1,9 @@
 """The training loop: AdamW with warm-up and cosine decay, periodic evaluation, checkpoints.
 
-Checkpoints go to `out_dir`: `best.pt` whenever the validation loss improves and `last.pt` at
-every evaluation, at the end and on SIGINT/SIGTERM. `--resume` continues from `last.pt` exactly:
-weights, optimizer, iteration and every random stream are restored (on another number of
-processes, all but the per-rank dropout streams).
+Checkpoints go to `out_dir`, which a run holds locked: `best.pt` whenever the validation loss
+improves and `last.pt` at every evaluation, at the end and when a signal stops the run. `--resume`
+continues from `last.pt` exactly: weights, optimizer, iteration, data file and every random stream
+are restored (on another number of processes, all but the per-rank dropout streams).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -21,9 +22,11 @@ import torch
 from . import distributed, launch, memory, ops
 from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import ModelConfig, TrainConfig, from_preset
-from .data import Batches, Tokenizer, default_corpus, read_text
-from .errors import UserError
+from .data import SHAKESPEARE_SHA256, Batches, Tokenizer, default_corpus, file_sha256, read_text
+from .errors import Stopped, UserError
 from .model import LanguageModel, attention_shape, build_model
+from .rundir import OutDirLock, existing_checkpoints
+from .signals import StopRequest
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
@@ -77,45 +80,25 @@ def make_optimizer(model: LanguageModel, cfg: TrainConfig, device: torch.device)
 
 
 @torch.no_grad()
-def estimate_loss(model, batches: Batches, eval_iters: int, autocast) -> dict[str, float]:
-    """Mean loss over `eval_iters` batches of each split, with dropout off."""
+def estimate_loss(model, batches: Batches, eval_iters: int, autocast,
+                  before_batch=lambda done, total: None) -> dict[str, float]:
+    """Mean loss over `eval_iters` batches of each split, with dropout off. `before_batch(done,
+    total)` is called before each of the 2 x eval_iters batches (progress, a stop request)."""
     was_training = model.training
     model.eval()
     out = {}
-    for split in ("train", "val"):
-        losses = torch.zeros(eval_iters, device=batches.device)
-        for i in range(eval_iters):
-            x, y = batches.get(split)  # the evaluation stream
-            with autocast():
-                losses[i] = model(x, y)[1]
-        out[split] = losses.mean().item()
-    model.train(was_training)
+    try:
+        for s, split in enumerate(("train", "val")):
+            losses = torch.zeros(eval_iters, device=batches.device)
+            for i in range(eval_iters):
+                before_batch(s * eval_iters + i, 2 * eval_iters)
+                x, y = batches.get(split)  # the evaluation stream
+                with autocast():
+                    losses[i] = model(x, y)[1]
+            out[split] = losses.mean().item()
+    finally:
+        model.train(was_training)
     return out
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving",
-              file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Progress:
@@ -127,6 +110,26 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.t_last, self.it_last = time.perf_counter(), None
         self.width = 0
+        self.eval_started = self.eval_shown = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` spent on other work (an evaluation) out of the next ms/iter."""
+        self.t_last += seconds
+
+    def _status(self, line: str) -> None:
+        """`line` as the status line of a terminal, or as a line of its own elsewhere."""
+        if self.tty:
+            self._write("\r" + line.ljust(self.width))
+            self.width = len(line)
+        else:
+            self._write(line + "\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except OSError:  # the terminal is gone (SIGHUP): train on without a display
+            self.enabled = False
 
     def update(self, it: int, loss: float) -> None:
         if not self.enabled:
@@ -139,26 +142,52 @@ class Progress:
             speed = "warming up"
         self.t_last, self.it_last = now, it
         done = int(20 * it / max(1, self.total))
-        line = f"[{'#' * done}{'.' * (20 - done)}] {it}/{self.total} loss {loss:.4f} | {speed}"
-        if self.tty:
-            sys.stderr.write("\r" + line.ljust(self.width))
-            self.width = len(line)
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+        self._status(f"[{'#' * done}{'.' * (20 - done)}] {it}/{self.total} loss {loss:.4f} | "
+                     f"{speed}")
+
+    def evaluating(self, it: int, done: int, total: int) -> None:
+        """Progress through a long evaluation: at most once a second on a terminal and once every
+        30 s elsewhere, so that a short one shows nothing."""
+        now = time.perf_counter()
+        if done == 0:
+            self.eval_started = self.eval_shown = now
+        if not self.enabled or now - self.eval_shown < (1 if self.tty else 30):
+            return
+        self.eval_shown = now
+        self._status(f"evaluating step {it}: batch {done}/{total} "
+                     f"({now - self.eval_started:.0f} s)")
 
     def message(self, text: str) -> None:
         if not self.enabled:
             return
         if self.tty and self.width:
-            sys.stderr.write("\r" + " " * self.width + "\r")
+            self._write("\r" + " " * self.width + "\r")
             self.width = 0
-        print(text, file=sys.stderr, flush=True)
+        self._write(text + "\n")
 
 
-def _load_corpus(data: str | None) -> tuple[str, str]:
-    path = Path(data) if data else default_corpus()
-    return read_text(path), str(path)
+def _load_corpus(data: str | None, ckpt: dict | None, ckpt_path: Path | None,
+                 new_data: bool) -> tuple[str, dict]:
+    """The text to train on and its record for checkpoints ({path, sha256}): --data FILE, else
+    the file a resumed run's checkpoint names, else tiny Shakespeare. A resumed run refuses a text
+    other than its own unless `new_data`."""
+    recorded = ckpt.get("data") if ckpt is not None else None
+    if data is not None:
+        path = Path(data)
+    elif recorded is not None and os.path.isfile(recorded["path"]):
+        path = Path(recorded["path"])
+    elif recorded is not None and recorded["sha256"] != SHAKESPEARE_SHA256:
+        raise UserError(f"{ckpt_path} was trained on {recorded['path']}, which is not there any "
+                        "more; pass that text with --data FILE")
+    else:  # a new run without --data, or one on tiny Shakespeare (downloaded again if need be)
+        path = default_corpus()
+    text = read_text(path)
+    record = {"path": str(path.resolve()), "sha256": file_sha256(path)}
+    if recorded is not None and record["sha256"] != recorded["sha256"] and not new_data:
+        raise UserError(f"{path} is not the text {ckpt_path} was trained on ({recorded['path']}, "
+                        f"sha256 {recorded['sha256'][:12]}...); resume on that text, or pass "
+                        "--new-data to go on with this one")
+    return text, record
 
 
 def _resume_configs(ckpt: dict, overrides: dict) -> tuple[ModelConfig, TrainConfig]:
@@ -180,59 +209,70 @@ def _resume_configs(ckpt: dict, overrides: dict) -> tuple[ModelConfig, TrainConf
 
 
 def train(preset: str = "shakespeare-char", overrides: dict | None = None, data: str | None = None,
-          resume: bool = False, log_interval: int = 10, overwrite: bool = False) -> dict:
+          resume: bool = False, log_interval: int = 10, overwrite: bool = False,
+          new_data: bool = False) -> dict:
     """Train a model; returns a summary: losses, timings, checkpoint paths and the model.
 
-    A new run refuses an out_dir that holds another run's checkpoints unless `overwrite`.
+    The run holds `out_dir` locked. A new run refuses an out_dir that holds another run's
+    checkpoints unless `overwrite`; a resumed one trains on the data file its checkpoint names
+    unless given `data` (a different text needs `new_data`). SIGINT, SIGTERM and SIGHUP stop it
+    with `last.pt` saved (Stopped is raised if one comes before the first step).
 
     Under torchrun every process runs this: data parallel, rank 0 evaluates and checkpoints.
     Without a `grad_accum` override a new run gives every process the preset's micro-batches
     (the global batch grows with the processes); with one, they share its micro-batches out.
     """
     overrides = dict(overrides or {})
-    ckpt = ckpt_path = None
-    if resume:
-        ckpt_path = Path(overrides.get("out_dir") or TrainConfig.out_dir) / "last.pt"
-        ckpt = load_checkpoint(ckpt_path)
-    else:
-        model_cfg, cfg = from_preset(preset, **overrides)  # bad options fail before any I/O
-        previous = Path(cfg.out_dir) / "last.pt"
-        if previous.exists() and not overwrite:
-            raise UserError(f"{cfg.out_dir}/ already holds a run ({previous.name}); continue it "
-                            "with --resume, or pass --overwrite or another --out-dir")
-    text, data_name = _load_corpus(data)
-    tokenizer = Tokenizer.from_text(text)
-    if ckpt is not None:
-        if ckpt["vocab"] != tokenizer.chars:
-            raise UserError(
-                f"{data_name} has a different vocabulary ({tokenizer.vocab_size} characters) "
-                f"from the checkpoint's ({len(ckpt['vocab'])}); resume with the same data"
-            )
-        model_cfg, cfg = _resume_configs(ckpt, overrides)
-    else:
-        model_cfg.vocab_size = tokenizer.vocab_size
     ctx = launch.from_environment()
-    if ckpt is None and overrides.get("grad_accum") is None:
-        cfg.grad_accum *= ctx.world_size  # the preset's micro-batches on every process
-    if cfg.grad_accum % ctx.world_size:
-        raise UserError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of "
-                        f"processes ({ctx.world_size}), which share its micro-batches out")
-    device = pick_device(cfg.device, ctx.local_rank if ctx.enabled else None)
-    distributed.start(ctx, device)
-    try:
-        return _Run(ctx, device, model_cfg, cfg, text, data_name, tokenizer, ckpt, ckpt_path,
-                    log_interval).loop()
-    finally:
-        distributed.stop()
+    out_dir = Path(overrides.get("out_dir") or TrainConfig.out_dir)
+    if not resume:
+        model_cfg, cfg = from_preset(preset, **overrides)  # bad options fail before any I/O
+    # Rank 0 writes the checkpoints, so it holds the directory.
+    with OutDirLock(out_dir) if ctx.is_main else contextlib.nullcontext(), \
+            StopRequest(speak=ctx.is_main) as stop:
+        ckpt = ckpt_path = None
+        replacing = []
+        if resume:
+            ckpt_path = out_dir / "last.pt"
+            ckpt = load_checkpoint(ckpt_path)
+        elif ctx.is_main and (replacing := existing_checkpoints(out_dir)) and not overwrite:
+            raise UserError(f"{out_dir}/ already holds a run ({', '.join(replacing)}); continue "
+                            "it with --resume, or pass --overwrite or another --out-dir")
+        text, data = _load_corpus(data, ckpt, ckpt_path, new_data)
+        tokenizer = Tokenizer.from_text(text)
+        if ckpt is not None:
+            if ckpt["vocab"] != tokenizer.chars:
+                raise UserError(
+                    f"{data['path']} has a different vocabulary ({tokenizer.vocab_size} "
+                    f"characters) from the checkpoint's ({len(ckpt['vocab'])}); resume with the "
+                    "same data")
+            model_cfg, cfg = _resume_configs(ckpt, overrides)
+        else:
+            model_cfg.vocab_size = tokenizer.vocab_size
+        if ckpt is None and overrides.get("grad_accum") is None:
+            cfg.grad_accum *= ctx.world_size  # the preset's micro-batches on every process
+        if cfg.grad_accum % ctx.world_size:
+            raise UserError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of "
+                            f"processes ({ctx.world_size}), which share its micro-batches out")
+        device = pick_device(cfg.device, ctx.local_rank if ctx.enabled else None)
+        stop.check()
+        distributed.start(ctx, device)
+        try:
+            run = _Run(ctx, device, model_cfg, cfg, text, data, tokenizer, ckpt, ckpt_path,
+                       log_interval, stop, preset if ckpt is None else None)
+            return run.loop(replacing if overwrite else [])
+        finally:
+            distributed.stop()
 
 
 class _Run:
     """One training run's state: model, optimizer, data streams, and the loop over steps."""
 
-    def __init__(self, ctx, device, model_cfg, cfg, text, data_name, tokenizer, ckpt, ckpt_path,
-                 log_interval):
+    def __init__(self, ctx, device, model_cfg, cfg, text, data, tokenizer, ckpt, ckpt_path,
+                 log_interval, stop, preset):
         self.ctx, self.device, self.model_cfg, self.cfg = ctx, device, model_cfg, cfg
         self.tokenizer, self.log_interval = tokenizer, log_interval
+        self.data, self.stop = data, stop  # the corpus record for checkpoints; the StopRequest
         self.out_dir = Path(cfg.out_dir)
         self.wrote = ckpt is not None  # whether out_dir holds this run's checkpoints
         backend = ops.resolve_backend(cfg.backend, device,
@@ -249,9 +289,16 @@ class _Run:
         with self._out_of_memory_reported("copying the corpus to it"):
             self.batches = Batches(text, tokenizer, model_cfg.block_size, cfg.batch_size, device,
                                    cfg.seed, self.streams)
+        stop.check()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         with self._out_of_memory_reported("building the model"):
             self.model = build_model(model_cfg, backend).to(device)
+        stop.check()
+        # Within a step, checks between layers; not under DDP, whose ranks must finish a step
+        # together, nor under torch.compile, which would trace them.
+        self.checks_within_step = not ctx.enabled and not cfg.compile
+        self.hooks = _checks_between_layers(self.model, stop.check) if self.checks_within_step \
+            else []
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout: a different stream on every rank
@@ -262,14 +309,19 @@ class _Run:
         self.eval_model = torch.compile(self.model) if cfg.compile else self.model
         self.tokens_per_iter = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
         self.progress = Progress(cfg.max_iters, self.tokens_per_iter, enabled=ctx.is_main)
+        if device.type == "cpu":
+            amp_words += ", " + _threads_words()
         self.progress.message(
-            f"tinygpt: {model_cfg.model} {self.model.num_params() / 1e6:.2f}M params | data "
-            f"{data_name} ({len(text):,} chars, vocab {tokenizer.vocab_size}) | device {device} "
+            "tinygpt: " + (f"preset {preset}" if ckpt is None else
+                           f"resuming {ckpt_path} at iteration {self.start_iter}")
+            + f" | {model_cfg.model} {self.model.num_params() / 1e6:.2f}M params | data "
+            f"{data['path']} ({len(text):,} chars, vocab {tokenizer.vocab_size}) | device {device} "
             f"({amp_words}) | backend {backend}{' + compile' if cfg.compile else ''}"
             + (f" | {ctx.world_size} processes x {per_rank} micro-batch"
                f"{'es' if per_rank > 1 else ''} of {cfg.batch_size} (global batch "
                f"{cfg.batch_size * cfg.grad_accum})" if ctx.enabled else "")
-            + (f" | resuming at iteration {self.start_iter}" if ckpt is not None else ""))
+            + f" | {cfg.max_iters} steps, lr {cfg.lr:g} (warm-up {cfg.warmup_iters}, cosine to "
+            f"{cfg.min_lr:g} at step {cfg.lr_decay_iters})")
         with self._out_of_memory_reported("trying a training step"):
             self._try_step()
         self.step_model = self.eval_model
@@ -335,23 +387,36 @@ class _Run:
             "evaluated": evaluated,
             "best_val_loss": self.best_val,
             "vocab": self.tokenizer.chars,
+            "data": self.data,
             "rng": {"torch": torch_states, "cuda": cuda_states if cuda else None,
                     "batches": Batches.merge_states(batch_states)},
         }
 
-    def evaluate(self, it: int, t0: float) -> dict | None:
+    def evaluate(self, it: int, t0: float) -> tuple[dict | None, bool]:
         """Rank 0 measures both losses and writes the checkpoints; all ranks stop together if
-        the loss diverged."""
+        the loss diverged. Returns rank 0's history entry (None elsewhere) and whether the
+        evaluation finished: a stop request cuts it short, the evaluation stream put back."""
         losses = None
         if self.ctx.is_main:
-            losses = estimate_loss(self.eval_model, self.batches, self.cfg.eval_iters,
-                                   self.autocast)
+            before = self.batches.state()
+
+            def before_batch(done: int, total: int) -> None:
+                self.stop.check()
+                self.progress.evaluating(it, done, total)
+
+            started = time.perf_counter()
+            try:
+                losses = estimate_loss(self.eval_model, self.batches, self.cfg.eval_iters,
+                                       self.autocast, before_batch)
+            except Stopped:
+                self.batches.load_state(before)
+            self.progress.exclude(time.perf_counter() - started)
         payload = self.checkpoint(it, evaluated=True)
         diverged = losses is not None and not all(map(math.isfinite, losses.values()))
         if distributed.any_rank(diverged, self.device):
             raise UserError(_diverged_message(it, self.out_dir, self.cfg.lr))
         if losses is None:
-            return None
+            return None, not self.ctx.is_main
         improved = losses["val"] < self.best_val
         self.best_val = min(self.best_val, losses["val"])
         payload["best_val_loss"] = self.best_val
@@ -361,22 +426,42 @@ class _Run:
             save_checkpoint(self.out_dir / "best.pt", payload)
         save_checkpoint(self.out_dir / "last.pt", payload)
         self.wrote = True
-        return {"iter": it, **losses, "seconds": time.perf_counter() - t0}
+        return {"iter": it, **losses, "seconds": time.perf_counter() - t0}, True
 
-    def step(self, it: int) -> torch.Tensor:
-        """One optimizer step over this rank's micro-batches; returns their mean loss."""
+    def _random_state(self) -> tuple:
+        cuda = self.device.type == "cuda"
+        return (self.batches.state(), torch.get_rng_state(),
+                torch.cuda.get_rng_state(self.device) if cuda else None)
+
+    def _set_random_state(self, state: tuple) -> None:
+        batches, cpu, cuda = state
+        self.batches.load_state(batches)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+
+    def step(self, it: int) -> torch.Tensor | None:
+        """One optimizer step over this rank's micro-batches; returns their mean loss. None if
+        a stop request came in the middle (checks within steps only): the gradients dropped and
+        the data and dropout streams put back, so that resuming takes this very step."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(it, self.cfg)
         total = torch.zeros((), device=self.device)
-        for m in self.streams:
-            x, y = self.batches.get("train", stream=m)
-            last = m == self.streams[-1]
-            skip_sync = self.ctx.enabled and not last  # all-reduce on the last micro-batch only
-            with self.step_model.no_sync() if skip_sync else contextlib.nullcontext():
-                with self.autocast():
-                    _, loss = self.step_model(x, y)
-                self.scaler.scale(loss / len(self.streams)).backward()
-            total += loss.detach()
+        before = self._random_state() if self.checks_within_step else None
+        try:
+            for m in self.streams:
+                x, y = self.batches.get("train", stream=m)
+                last = m == self.streams[-1]
+                skip_sync = self.ctx.enabled and not last  # all-reduce on the last one only
+                with self.step_model.no_sync() if skip_sync else contextlib.nullcontext():
+                    with self.autocast():
+                        _, loss = self.step_model(x, y)
+                    self.scaler.scale(loss / len(self.streams)).backward()
+                total += loss.detach()
+        except Stopped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._set_random_state(before)
+            return None
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -385,24 +470,40 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         return total / len(self.streams)
 
-    def loop(self) -> dict:
+    def _evaluation_due(self, it: int) -> bool:
+        due = it % self.cfg.eval_interval == 0 or it == self.cfg.max_iters
+        return due and not (self.skip_first_eval and it == self.start_iter)
+
+    def _agreed_stop(self) -> int:
+        """The signal that stops the run, agreed on by every rank (0: none)."""
+        return int(distributed.max_over_ranks(self.stop.signum or 0, self.device))
+
+    def loop(self, replacing: list[str]) -> dict:
+        """Train to max_iters or until a signal; `replacing`: the checkpoints of an earlier run
+        that --overwrite removes now that this one is about to write."""
         cfg = self.cfg
         history: list[dict] = []
         t0 = time.perf_counter()
         it, stopped_by = self.start_iter, 0
-        with StopRequest() as stop:
+        for name in replacing:
+            (self.out_dir / name).unlink(missing_ok=True)
+        try:
             while True:
-                at_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
-                if at_eval and not (self.skip_first_eval and it == self.start_iter):
+                evaluated = True  # whether iteration it's evaluation, if it has one, is done
+                if self._evaluation_due(it):
                     with self._out_of_memory_reported(f"evaluating at step {it}"):
-                        entry = self.evaluate(it, t0)
+                        entry, evaluated = self.evaluate(it, t0)
                     if entry is not None:
                         history.append(entry)
-                if it >= cfg.max_iters:
+                    stopped_by = self._agreed_stop()
+                if stopped_by or it >= cfg.max_iters:
                     break
                 with self._out_of_memory_reported(f"training step {it + 1}"):
                     loss = self.step(it)
-                it += 1
+                if loss is None:
+                    stopped_by = self.stop.signum
+                    break
+                it, evaluated = it + 1, False
                 at_log = it % self.log_interval == 0 or it == cfg.max_iters
                 if at_log:
                     loss_value = loss.item()
@@ -410,12 +511,16 @@ class _Run:
                         raise UserError(_diverged_message(it, self.out_dir, cfg.lr))
                     self.progress.update(it, loss_value)
                 if at_log or not self.ctx.enabled:  # ranks agree on stopping at log steps
-                    stopped_by = int(distributed.max_over_ranks(stop.signum or 0, self.device))
+                    stopped_by = self._agreed_stop()
                 if stopped_by:
-                    payload = self.checkpoint(it, evaluated=False)
-                    if payload is not None:
-                        save_checkpoint(self.out_dir / "last.pt", payload)
                     break
+            if stopped_by:
+                payload = self.checkpoint(it, evaluated)
+                if payload is not None:
+                    save_checkpoint(self.out_dir / "last.pt", payload)
+        finally:
+            for hook in self.hooks:
+                hook.remove()
         return self.summary(it, time.perf_counter() - t0, history, stopped_by)
 
     def summary(self, it: int, elapsed: float, history: list[dict], stopped_by: int) -> dict:
@@ -430,10 +535,41 @@ class _Run:
         self.progress.message(
             f"done: {steps} steps in {elapsed:.1f}s ({summary['tokens_per_second']:,.0f} tok/s)"
             + (f" | final val loss {final['val']:.4f}" if final and final["iter"] == it else "")
-            + f" | best val loss {self.best_val:.4f} | checkpoints in {self.out_dir}/"
+            + (f" | best val loss {self.best_val:.4f}" if math.isfinite(self.best_val) else "")
+            + f" | checkpoints in {self.out_dir}/"
             + (f" | stopped by {signal.Signals(stopped_by).name} at iteration {it}; "
                f"continue with --resume" if stopped_by else ""))
         return summary
+
+
+def _checks_between_layers(model: LanguageModel, check) -> list:
+    """Call `check` before each attention and MLP of `model`'s blocks, in the forward pass and
+    where the backward pass reaches them, so that a stop request is seen within a layer's time
+    at any model size. Returns the hooks' handles."""
+    def before(module, args):
+        check()
+
+    def after(module, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda grad: check())
+
+    handles = []
+    for block in getattr(model, "blocks", ()):
+        for part in (block.attn, block.mlp):
+            handles += [part.register_forward_pre_hook(before), part.register_forward_hook(after)]
+    return handles
+
+
+def _threads_words() -> str:
+    """The CPU threads torch uses, and a hint when other work competes for the cores."""
+    threads = torch.get_num_threads()
+    words = f"{threads} thread{'s' if threads > 1 else ''}, --threads N to change"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if threads > 1 and load > cores - threads + 1:
+        words += (f"; load average {load:.1f} on {cores} cores: other work competes for them, "
+                  "and --threads 1 may be much faster")
+    return words
 
 
 def _diverged_message(it: int, out_dir: Path, lr: float) -> str:
