@@ -279,8 +279,8 @@ def test_resume_finds_its_data_and_notices_a_change(tmp_path, corpus_path):
                  log_interval=1000)["iterations"] == 4
     assert load_checkpoint(tmp_path / "out" / "last.pt")["data"] == {
         "path": str(text.resolve()), "sha256": hashlib.sha256(text.read_bytes()).hexdigest()}
-    with text.open("a") as f:
-        f.write("an extra line\n")
+    with text.open("a", encoding="utf-8") as f:  # more of the same characters
+        f.write(corpus_path.read_text(encoding="utf-8")[:100])
     with pytest.raises(UserError, match="text.txt is not the text .*/out/last.pt was trained on "
                                         r"\(.*text.txt, sha256 [0-9a-f]{12}\.\.\.\); resume on "
                                         "that text, or pass --new-data"):

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, TrainConfig
-from .errors import UserError
-from .rundir import os_reason
+from .errors import UserError, os_reason
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "train_config", "model", "iteration", "vocab")

@@ -178,16 +178,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.log_interval < 1:
         raise UserError(f"--log-interval must be at least 1, got {args.log_interval}")
-    conflicts = [("--resume", args.resume and args.preset is not None, "--preset",
-                  "a resumed run keeps the configuration in its checkpoint"),
-                 ("--resume", args.resume and args.overwrite, "--overwrite",
-                  "--overwrite starts a new run, --resume continues the old one"),
-                 ("--new-data", args.new_data and not (args.resume and args.data), "",
-                  "it goes with --resume --data FILE")]
-    for flag, clash, other, why in conflicts:
-        if clash:
-            raise UserError(f"{flag} {'and ' + other + ' ' if other else ''}cannot be used "
-                            f"{'together' if other else 'here'}: {why}")
+    if args.resume and args.preset is not None:
+        raise UserError("--resume and --preset cannot be used together: a resumed run keeps the "
+                        "configuration in its checkpoint")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite cannot be used together: --overwrite starts a "
+                        "new run, --resume continues the old one")
+    if args.new_data and not (args.resume and args.data):
+        raise UserError("--new-data cannot be used here: it goes with --resume --data FILE")
     for cls in (ModelConfig, TrainConfig):  # answered before torch is imported
         check_values(cls, overrides)
     if args.preset is not None:

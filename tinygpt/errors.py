@@ -1,4 +1,5 @@
-"""The exceptions the command line turns into a one-line message and an exit code."""
+"""The exceptions the command line turns into a one-line message and an exit code, and the
+operating system's reason behind a failure."""
 
 
 class UserError(Exception):
@@ -11,3 +12,14 @@ class Stopped(Exception):
     def __init__(self, signum: int):
         super().__init__(f"stopped by signal {signum}")
         self.signum = signum
+
+
+def os_reason(e: BaseException) -> str:
+    """The operating-system reason behind `e` ('No space left on device'), searching the
+    exceptions it was raised from: torch reports a failed write as a RuntimeError caused by one."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return str(e)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, os_reason
 
 if sys.platform == "win32":
     import msvcrt
@@ -19,17 +19,6 @@ else:
 
 LOCK_NAME = ".tinygpt.lock"
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
-
-
-def os_reason(e: BaseException) -> str:
-    """The operating-system reason behind `e` ('No space left on device'), searching the
-    exceptions it was raised from: torch reports a failed write as a RuntimeError caused by one."""
-    seen = e
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen.strerror or str(seen)
-        seen = seen.__cause__ or seen.__context__
-    return str(e)
 
 
 class OutDirLock:
@@ -45,7 +34,7 @@ class OutDirLock:
         self.created: list[Path] = []  # the directories made for the run, deepest first
 
     def __enter__(self) -> OutDirLock:
-        self.created = [d for d in (self.out_dir, *self.out_dir.parents) if not d.exists()]
+        self.created = [d for d in (self.out_dir, *self.out_dir.parents) if not os.path.exists(d)]
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
