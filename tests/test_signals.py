@@ -112,20 +112,31 @@ def start(spawn, argv: list[str], code: str | None = None) -> subprocess.Popen:
     return spawn(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=default_handlers)
 
 
+def wait_for(proc: subprocess.Popen, needle: str) -> None:
+    """Read `proc`'s stderr up to the first line that holds `needle`."""
+    for line in proc.stderr:
+        if needle in line:
+            return
+
+
+def answer_to(proc: subprocess.Popen, sig: signal.Signals) -> str:
+    """Send `sig`; `proc`'s remaining stderr once it has exited, which must be within 10 s."""
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10, err
+    return err
+
+
 def test_sighup_in_a_long_evaluation_is_answered_within_seconds(tmp_path, corpus_path, spawn):
     """The first evaluation would take minutes: a closed terminal's SIGHUP stops it at once, and
     the checkpoint says the evaluation is still to do. (The bigram model has no layers to check
     between: the evaluation checks between its batches.)"""
     proc = start(spawn, ["train", "--preset", "bigram", "--device", "cpu", "--eval-iters",
                          "1000000", "--data", str(corpus_path), "--out-dir", str(tmp_path)])
-    for line in proc.stderr:
-        if line.startswith("tinygpt: preset"):
-            break
+    wait_for(proc, "tinygpt: preset")
     time.sleep(2)  # the trial step takes milliseconds: this is well inside the evaluation
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGHUP)
-    _, err = proc.communicate(timeout=60)
-    assert time.monotonic() - sent < 10, err
+    err = answer_to(proc, signal.SIGHUP)
     assert proc.returncode == 128 + signal.SIGHUP, err
     assert "stopped by SIGHUP at iteration 0; continue with --resume" in err
     ckpt = load_checkpoint(tmp_path / "last.pt")
@@ -155,15 +166,10 @@ def test_a_second_signal_exits_at_once(tmp_path, corpus_path, spawn):
     leaving the checkpoints written before intact."""
     proc = start(spawn, ["train", *LONG_RUN, "--eval-interval", "100000", "--log-interval", "1",
                          "--data", str(corpus_path), "--out-dir", str(tmp_path)], SAVE_HANGS)
-    for line in proc.stderr:
-        if "/100000 loss" in line:
-            break
+    wait_for(proc, "/100000 loss")
     proc.send_signal(signal.SIGTERM)
     time.sleep(1.5)  # a repeat within a second is taken for the same request
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert time.monotonic() - sent < 10, err
+    err = answer_to(proc, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM again: exiting now, without saving" in err
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 0

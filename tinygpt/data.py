@@ -92,6 +92,11 @@ def default_corpus() -> Path:
 def read_text(path: str | os.PathLike) -> str:
     """The whole file as text, less a byte-order mark, or a UserError saying why it cannot be a
     corpus."""
+    return read_corpus(path)[0]
+
+
+def read_corpus(path: str | os.PathLike) -> tuple[str, str]:
+    """`read_text`, and the sha256 of the file's bytes, from one read."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -101,13 +106,14 @@ def read_text(path: str | os.PathLike) -> str:
         raise UserError(f"data path is not a file: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read data file {path} ({e.strerror or e})") from e
+    digest = hashlib.sha256(raw).hexdigest()
     raw = raw.removeprefix(codecs.BOM_UTF8)  # some editors start UTF-8 files with one
     if not raw:
         raise UserError(f"data file is empty: {path}")
     if b"\x00" in raw:
         raise UserError(f"data file looks binary (it contains NUL bytes): {path}")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), digest
     except UnicodeDecodeError as e:
         raise UserError(
             f"data file is not UTF-8 text (bad byte at offset {e.start}): {path}") from e

@@ -22,7 +22,7 @@ import torch
 from . import distributed, launch, memory, ops
 from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import ModelConfig, TrainConfig, from_preset
-from .data import SHAKESPEARE_SHA256, Batches, Tokenizer, default_corpus, file_sha256, read_text
+from .data import SHAKESPEARE_SHA256, Batches, Tokenizer, default_corpus, read_corpus
 from .errors import Stopped, UserError
 from .model import LanguageModel, attention_shape, build_model
 from .rundir import OutDirLock, existing_checkpoints
@@ -181,8 +181,8 @@ def _load_corpus(data: str | None, ckpt: dict | None, ckpt_path: Path | None,
                         "more; pass that text with --data FILE")
     else:  # a new run without --data, or one on tiny Shakespeare (downloaded again if need be)
         path = default_corpus()
-    text = read_text(path)
-    record = {"path": str(path.resolve()), "sha256": file_sha256(path)}
+    text, sha256 = read_corpus(path)
+    record = {"path": str(path.resolve()), "sha256": sha256}
     if recorded is not None and record["sha256"] != recorded["sha256"] and not new_data:
         raise UserError(f"{path} is not the text {ckpt_path} was trained on ({recorded['path']}, "
                         f"sha256 {recorded['sha256'][:12]}...); resume on that text, or pass "
