@@ -45,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.report import (
     CUDA,
+    Interruptible,
     Timing,
     add_out_argument,
     assert_finite,
@@ -295,11 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     every = providers()
     found = [p for p in every if p.missing is None]
     rows, series = [], {}
-    for dtype_name in args.dtypes:
-        for label, shape, p in cases(args.quick):
-            for mode in ("fwd", "fwd+bwd"):
-                measure(label, shape, dtype_name, p, mode, found,
-                        rows, series if dtype_name == args.dtypes[0] else {})
+    with Interruptible() as run:
+        for dtype_name in args.dtypes:
+            for label, shape, p in cases(args.quick):
+                for mode in ("fwd", "fwd+bwd"):
+                    measure(label, shape, dtype_name, p, mode, found,
+                            rows, series if dtype_name == args.dtypes[0] else {})
     path = write_report(
         args.out, "attention", f"Causal attention: Triton vs every SDPA backend, flex_attention "
                                f"and the reference ({DEVICE})",
@@ -309,10 +311,11 @@ def main(argv: list[str] | None = None) -> None:
         notes="Ratios are the best provider's time over the row's (above 1: the row is faster), "
               "back-to-back, with the L2-flushed ratio in brackets; the competitors are every "
               "provider but triton. TFLOP/s from the back-to-back time.",
-        providers={p.name: p.missing for p in every},
+        providers={p.name: p.missing for p in every}, interrupted=run.interrupted,
     )
     plot(path.with_suffix(".png"), f"Causal attention throughput ({args.dtypes[0]}, 16K tokens)",
          "sequence length T", "TFLOP/s (back-to-back)", series)
+    run.exit_if_interrupted()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.report import CUDA, add_out_argument, environment, write_report
+from benchmarks.report import CUDA, Interruptible, add_out_argument, environment, write_report
 from tinygpt import ops
 from tinygpt.config import from_preset
 from tinygpt.generate import generate
@@ -69,16 +69,19 @@ def main() -> None:
     if args.quick:
         args.lengths, args.presets = [100], ["cpu-baby"]
     rows = []
-    for preset in args.presets:
-        model = make_model(preset)
-        for n in args.lengths:
-            speed = {mode: chars_per_second(model, n, mode) for mode in MODES}
-            for mode in MODES:
-                rows.append([preset, n, mode, f"{speed[mode]:,.1f}",
-                             f"{speed[mode] / speed['off']:.1f}x"])
-                print(" | ".join(map(str, rows[-1])), flush=True)
+    with Interruptible() as run:
+        for preset in args.presets:
+            model = make_model(preset)
+            for n in args.lengths:
+                speed = {mode: chars_per_second(model, n, mode) for mode in MODES}
+                for mode in MODES:
+                    rows.append([preset, n, mode, f"{speed[mode]:,.1f}",
+                                 f"{speed[mode] / speed['off']:.1f}x"])
+                    print(" | ".join(map(str, rows[-1])), flush=True)
     write_report(args.out, "generate", f"Generation speed ({DEVICE.type}), chars/s",
-                 ["model", "new chars", "cache", "chars/s", "vs no cache"], rows, environment())
+                 ["model", "new chars", "cache", "chars/s", "vs no cache"], rows, environment(),
+                 interrupted=run.interrupted)
+    run.exit_if_interrupted()
 
 
 if __name__ == "__main__":

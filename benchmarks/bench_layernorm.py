@@ -42,6 +42,7 @@ from tinygpt.kernels import add_layer_norm, layer_norm
 
 from benchmarks.report import (
     CUDA,
+    Interruptible,
     Timing,
     add_out_argument,
     assert_finite,
@@ -264,16 +265,18 @@ def main(argv: list[str] | None = None) -> None:
     ceiling = copy_bandwidth_gbs()
     print(f"measured copy bandwidth: {ceiling:,.0f} GB/s")
     rows, series = [], {}
-    if args.quick:
-        measure("add+layernorm", QUICK_SHAPES, dtype, ceiling, found, rows, series)
-        measure("layernorm", QUICK_SHAPES, dtype, ceiling, found, rows, series)
-    elif CUDA:
-        measure("add+layernorm", [MODEL_SHAPE, *ADD_SWEEP], dtype, ceiling, found, rows, series)
-        measure("layernorm", [MODEL_SHAPE], torch.float32, ceiling, found, rows, series)
-        measure("layernorm", [MODEL_SHAPE, *SWEEP], dtype, ceiling, found, rows, series)
-    else:
-        measure("add+layernorm", CPU_SHAPES, dtype, ceiling, found, rows, series)
-        measure("layernorm", CPU_SHAPES, dtype, ceiling, found, rows, series)
+    with Interruptible() as run:
+        if args.quick:
+            measure("add+layernorm", QUICK_SHAPES, dtype, ceiling, found, rows, series)
+            measure("layernorm", QUICK_SHAPES, dtype, ceiling, found, rows, series)
+        elif CUDA:
+            measure("add+layernorm", [MODEL_SHAPE, *ADD_SWEEP], dtype, ceiling, found, rows,
+                    series)
+            measure("layernorm", [MODEL_SHAPE], torch.float32, ceiling, found, rows, series)
+            measure("layernorm", [MODEL_SHAPE, *SWEEP], dtype, ceiling, found, rows, series)
+        else:
+            measure("add+layernorm", CPU_SHAPES, dtype, ceiling, found, rows, series)
+            measure("layernorm", CPU_SHAPES, dtype, ceiling, found, rows, series)
     path = write_report(
         args.out, "layernorm", f"LayerNorm and add+LayerNorm: Triton vs PyTorch (eager, "
                                f"compiled) and Liger ({DEVICE})",
@@ -285,10 +288,11 @@ def main(argv: list[str] | None = None) -> None:
               "`x + r`, LayerNorm and `.to(bf16)` unfused. Ratios: the other time over the "
               "row's (above 1: the row is faster), back-to-back, L2-flushed in brackets; GB/s "
               "from the back-to-back time.",
-        providers={p.name: p.missing for p in every},
+        providers={p.name: p.missing for p in every}, interrupted=run.interrupted,
     )
     plot(path.with_suffix(".png"), "LayerNorm and add+LayerNorm throughput", "N (features)",
          "GB/s (back-to-back)", series)
+    run.exit_if_interrupted()
 
 
 if __name__ == "__main__":

@@ -47,8 +47,12 @@ def main() -> None:
         + (f"\n- overrides: {overrides}" if overrides else "")
     )
     print(notes)
+    stopped = summary["interrupted_by"]  # train() answers Ctrl-C by stopping after a step
     write_report(args.out, f"{args.preset}-train", f"Training run: {args.preset} preset",
-                 ["step", "wall s", "train loss", "val loss"], rows, environment(), notes)
+                 ["step", "wall s", "train loss", "val loss"], rows, environment(), notes,
+                 interrupted=bool(stopped))
+    if stopped:
+        raise SystemExit(128 + stopped)
 
 
 def type_of(field_name: str):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from benchmarks.report import (
+    Interruptible,
     add_out_argument,
     back_to_back_ms,
     environment,
@@ -119,24 +120,25 @@ def main(argv: list[str] | None = None) -> None:
     peak = peak_tflops()
     every = variants(args.quick)
     results = {}  # name -> (ms per step, tokens per step, flops per step, peak GiB) or a reason
-    for name, (backend, compiled, missing) in every.items():
-        if missing:
-            continue
-        release_memory()
-        if DEVICE.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            step, tokens, flops = make_step(PRESET, backend, compiled)
-            ms = back_to_back_ms(step, calls=steps // repeats, repeats=repeats,
-                                 warmup=20 if compiled else 5)
-        except Exception as e:  # out of memory, a failed compile: a row, not a crash
-            results[name] = skip_reason(e)
-        else:
-            mem = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
-            results[name] = (ms, tokens, flops, mem)
-        finally:
-            step = None
-        print(name, results[name], flush=True)
+    with Interruptible() as run:
+        for name, (backend, compiled, missing) in every.items():
+            if missing:
+                continue
+            release_memory()
+            if DEVICE.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                step, tokens, flops = make_step(PRESET, backend, compiled)
+                ms = back_to_back_ms(step, calls=steps // repeats, repeats=repeats,
+                                     warmup=20 if compiled else 5)
+            except Exception as e:  # out of memory, a failed compile: a row, not a crash
+                results[name] = skip_reason(e)
+            else:
+                mem = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
+                results[name] = (ms, tokens, flops, mem)
+            finally:
+                step = None
+            print(name, results[name], flush=True)
     ms = {n: r[0] for n, r in results.items() if not isinstance(r, str)}
     rows = []
     for name, result in results.items():
@@ -160,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
               f"timed as a whole. MFU = achieved training FLOP/s over the device's dense bf16 "
               f"peak ({peak or 'unknown'} TFLOP/s); FLOPs per token from GPT.flops_per_token(). "
               f"Ratios: the other row's time over this row's (above 1: this row is faster).",
-        providers={n: missing for n, (_, _, missing) in every.items()})
+        providers={n: missing for n, (_, _, missing) in every.items()},
+        interrupted=run.interrupted)
+    run.exit_if_interrupted()
 
 
 if __name__ == "__main__":

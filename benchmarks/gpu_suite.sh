@@ -12,6 +12,13 @@
 # beside it. DATA defaults to the first tiny Shakespeare copy found in shared/data, ../shared/data
 # or .data. A failing stage is reported and the next one still runs; the exit status says if any
 # failed. Copy the tables you keep into benchmarks/results/.
+#
+# DEADLINE=SECONDS bounds the whole call (under a limit such as the device tool's 600 s, say
+# DEADLINE=570): a stage still running MARGIN (default 20) seconds before it gets SIGINT and
+# writes the rows it measured, marked partial; a stage that would get less than MARGIN seconds
+# is not started; the archive is packed either way. The tests stage runs in TEST_WORKERS
+# (default 8) processes when pytest-xdist is installed, lists its slowest tests and writes
+# tests-junit.xml.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
@@ -19,10 +26,14 @@ WORK=${WORK:-$(mktemp -d)}
 RESULTS="$WORK/results"
 mkdir -p "$OUT" "$RESULTS"
 PY=${PYTHON:-python3}
+DEADLINE=${DEADLINE:-}
+MARGIN=${MARGIN:-20}
 export PYTHONUNBUFFERED=1
 stages=("${@:-all}")
 tag=$(IFS=-; echo "${stages[*]}")
 failed=()
+stopped=()
+not_run=()
 
 if [ -z "${DATA:-}" ]; then
     for candidate in shared/data/tinyshakespeare.txt ../shared/data/tinyshakespeare.txt .data/tinyshakespeare.txt; do
@@ -38,14 +49,35 @@ wants() {  # wants STAGE [ALIAS...]: was it, or a stage that includes it, asked 
     return 1
 }
 
-run() {  # run NAME COMMAND...: log to $WORK/NAME.log, remember failures
+run() {  # run NAME COMMAND...: log to $WORK/NAME.log, remember failures, keep the deadline
     local name=$1; shift
+    local limit=()
+    if [ -n "$DEADLINE" ]; then
+        local left=$((DEADLINE - SECONDS - MARGIN))
+        if [ "$left" -lt "$MARGIN" ]; then
+            echo "=== $name: not run, $((DEADLINE - SECONDS)) s left of DEADLINE=$DEADLINE" |
+                tee -a "$WORK/summary.txt"
+            not_run+=("$name")
+            return
+        fi
+        # SIGINT to the stage's process group; SIGKILL if it has not ended 10 s later
+        limit=(timeout --signal=INT --kill-after=10 "$left")
+    fi
     echo "=== $name: $*" | tee "$WORK/$name.log"
     local t0=$SECONDS
-    "$@" 2>&1 | tee -a "$WORK/$name.log"
+    "${limit[@]}" "$@" 2>&1 | tee -a "$WORK/$name.log"
     local rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$WORK/$name.log" "$WORK/summary.txt"
-    [ "$rc" -eq 0 ] || failed+=("$name")
+    local how="exit $rc"
+    if [ ${#limit[@]} -gt 0 ] && [ "$rc" -eq 124 ]; then
+        how="stopped at DEADLINE=$DEADLINE (SIGINT: what it measured is kept)"
+        stopped+=("$name")
+    elif [ ${#limit[@]} -gt 0 ] && [ "$rc" -eq 137 ]; then
+        how="killed at DEADLINE=$DEADLINE (it ignored SIGINT for 10 s)"
+        stopped+=("$name")
+    elif [ "$rc" -ne 0 ]; then
+        failed+=("$name")
+    fi
+    echo "=== $name: $how after $((SECONDS - t0)) s" | tee -a "$WORK/$name.log" "$WORK/summary.txt"
 }
 
 {
@@ -59,7 +91,9 @@ $PY -c "import tinygpt" 2>/dev/null || $PY -m pip install --no-deps --no-build-i
 data_args=()
 [ -n "${DATA:-}" ] && data_args=(--data "$DATA")
 
-wants tests && run tests $PY -m pytest tests -q -p no:cacheprovider
+test_args=(-q -p no:cacheprovider --durations=30 --junitxml="$WORK/tests-junit.xml")
+$PY -c "import xdist" 2>/dev/null && test_args+=(-n "${TEST_WORKERS:-8}")
+wants tests && run tests $PY -m pytest tests "${test_args[@]}"
 wants layernorm kernels && run bench_layernorm $PY -m benchmarks.bench_layernorm --out "$RESULTS"
 wants attention kernels && run bench_attention $PY -m benchmarks.bench_attention --out "$RESULTS"
 wants train && run bench_train $PY -m benchmarks.bench_train --out "$RESULTS"
@@ -79,8 +113,8 @@ fi
 rm -rf "$WORK/ddp"
 tar -czf "$OUT/gpu_suite-$tag.tgz" -C "$WORK" .
 cp "$WORK/summary.txt" "$OUT/summary.txt"
-if [ ${#failed[@]} -gt 0 ]; then
-    echo "FAILED stages: ${failed[*]}" | tee -a "$OUT/summary.txt"
-    exit 1
-fi
+[ ${#failed[@]} -eq 0 ] || echo "FAILED stages: ${failed[*]}" | tee -a "$OUT/summary.txt"
+[ ${#stopped[@]} -eq 0 ] || echo "STOPPED AT DEADLINE: ${stopped[*]}" | tee -a "$OUT/summary.txt"
+[ ${#not_run[@]} -eq 0 ] || echo "NOT RUN (no time left): ${not_run[*]}" | tee -a "$OUT/summary.txt"
+[ $((${#failed[@]} + ${#stopped[@]} + ${#not_run[@]})) -eq 0 ] || exit 1
 echo "all stages passed" | tee -a "$OUT/summary.txt"

@@ -29,7 +29,7 @@ PEAK_BF16_TFLOPS = [
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
     ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
 ]
-
+INTERRUPTED = "Interrupted before the end of the run: this table is partial."
 
 
 def add_out_argument(parser) -> None:
@@ -37,6 +37,30 @@ def add_out_argument(parser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help=f"where the results go (default: {DEFAULT_OUT}; pass --out "
                              "benchmarks/results for results to commit)")
+
+
+class Interruptible:
+    """`with Interruptible() as run:` around a script's measuring. Ctrl-C, or the SIGINT that
+    gpu_suite.sh sends at its deadline, ends the block instead of the script, so that what was
+    measured is still written (`write_report(..., interrupted=run.interrupted)`); then
+    `run.exit_if_interrupted()` ends the script with status 130."""
+
+    interrupted = False
+
+    def __enter__(self) -> Interruptible:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not KeyboardInterrupt:
+            return False
+        self.interrupted = True
+        print("\ninterrupted: writing what was measured so far", flush=True)
+        return True
+
+    def exit_if_interrupted(self) -> None:
+        if self.interrupted:
+            raise SystemExit(130)
+
 
 def peak_tflops() -> float | None:
     """The current CUDA device's bf16 peak, or None when unknown (and always on the CPU)."""
@@ -83,11 +107,15 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: list[list[str]],
                  env: dict[str, str], notes: str = "",
-                 providers: dict[str, str | None] | None = None) -> Path:
+                 providers: dict[str, str | None] | None = None,
+                 interrupted: bool = False) -> Path:
     """Print the table and write it, with the environment and what was compared, to
     OUT_DIR/NAME-DEVICE-DATE.md, plus the same content as .json for `tinygpt bench` to gather.
 
-    providers: name -> None when it ran here, or the reason it could not."""
+    providers: name -> None when it ran here, or the reason it could not. interrupted: the run
+    stopped early (Interruptible), which the notes then say first."""
+    if interrupted:
+        notes = f"**{INTERRUPTED}**" + (f"\n\n{notes}" if notes else "")
     table = markdown_table(headers, rows)
     print(table)
     path = Path(out_dir) / f"{name}-{DEVICE_TAG}-{env['date'][:10]}.md"
@@ -98,7 +126,8 @@ def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: 
                     + (f"\n{notes}\n" if notes else ""))
     path.with_suffix(".json").write_text(json.dumps(
         dict(title=title, env=env, providers=providers or {}, headers=headers,
-             rows=[[str(c) for c in row] for row in rows], notes=notes), indent=1))
+             rows=[[str(c) for c in row] for row in rows], notes=notes, interrupted=interrupted),
+        indent=1))
     print(f"wrote {path}")
     return path
 
@@ -283,6 +312,9 @@ def gather(results: list[Path], out_dir: Path, heading: str, failures: list[str]
     if failures:
         lines.append(f"- **failed**: {', '.join(failures)} (their output is above the report "
                      "in the console; nothing of theirs is below)")
+    partial = [p["stem"] for p in parts if p.get("interrupted")]
+    if partial:
+        lines.append(f"- **interrupted, partial**: {', '.join(partial)}")
     lines += ["", "## What was compared", ""]
     for part in (p for p in parts if p["providers"]):
         lines += [f"**{part['title']}**", *compared_lines(part["providers"])]

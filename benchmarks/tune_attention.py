@@ -25,6 +25,7 @@ from tinygpt.kernels.reference import attention_reference
 
 from benchmarks.report import (
     CUDA,
+    Interruptible,
     Timing,
     add_out_argument,
     environment,
@@ -102,47 +103,46 @@ def main() -> None:
         raise SystemExit("tune_attention times kernels on a CUDA device; none is present")
     defaults = module.launch_settings
     checked = {}  # (D, dropout, settings) -> None or why the settings are wrong
+    results = []  # (shape label, dropout, mode, setting, Timing or None, note)
+    with Interruptible() as run:
+        for shape, p in [(s, p) for s in SHAPES for p in (0.0, TRAINING_DROPOUT)]:
+            label = "{B}x{H}x{T}x{D}".format(**shape)
+            fwd_d, dkdv_d, dq_d = defaults(shape["D"], torch.bfloat16,
+                                           gpu.target(torch.device(DEVICE)))
+            trials = [("fwd", as_launch(f), (dkdv_d, dq_d)) for f in FORWARD]
+            trials += [("fwd+bwd", fwd_d, (as_launch(a), dq_d)) for a in DKDV]
+            trials += [("fwd+bwd", fwd_d, (dkdv_d, as_launch(b))) for b in DQ]
+            for mode, fwd, bwd in trials:
+                module.launch_settings = lambda D, dtype, target, fwd=fwd, bwd=bwd: (fwd, *bwd)
+                setting = (f"fwd {tuple(fwd.values())}" if mode == "fwd" else
+                           f"dkdv {tuple(bwd[0].values())} dq {tuple(bwd[1].values())}")
+                timing, note = None, ""
+                try:
+                    key = (shape["D"], p, str(fwd), str(bwd))
+                    if key not in checked:
+                        checked[key] = wrong(shape["D"], p)
+                    if checked[key]:
+                        note = f"rejected: {checked[key]}"
+                    else:
+                        timing = time_case(shape, mode, p)
+                except Exception as e:  # out of resources, say: report and go on
+                    note = f"failed: {skip_reason(e)}"
+                finally:
+                    module.launch_settings = defaults
+                    release_memory()
+                results.append((label, p, mode, setting, timing, note))
+                print(label, f"p={p:g}", mode, setting, timing, note, flush=True)
     rows = []
-    for shape, p in [(s, p) for s in SHAPES for p in (0.0, TRAINING_DROPOUT)]:
-        label = "{B}x{H}x{T}x{D}".format(**shape)
-        fwd_d, dkdv_d, dq_d = defaults(shape["D"], torch.bfloat16,
-                                       gpu.target(torch.device(DEVICE)))
-        trials = [("fwd", as_launch(f), (dkdv_d, dq_d)) for f in FORWARD]
-        trials += [("fwd+bwd", fwd_d, (as_launch(a), dq_d)) for a in DKDV]
-        trials += [("fwd+bwd", fwd_d, (dkdv_d, as_launch(b))) for b in DQ]
-        results = []
-        for mode, fwd, bwd in trials:
-            module.launch_settings = lambda D, dtype, target, fwd=fwd, bwd=bwd: (fwd, *bwd)
-            setting = (f"fwd {tuple(fwd.values())}" if mode == "fwd" else
-                       f"dkdv {tuple(bwd[0].values())} dq {tuple(bwd[1].values())}")
-            timing, note = None, ""
-            try:
-                key = (shape["D"], p, str(fwd), str(bwd))
-                if key not in checked:
-                    checked[key] = wrong(shape["D"], p)
-                if checked[key]:
-                    note = f"rejected: {checked[key]}"
-                else:
-                    timing = time_case(shape, mode, p)
-            except Exception as e:  # out of resources, say: report and go on
-                note = f"failed: {skip_reason(e)}"
-            finally:
-                release_memory()
-            results.append((mode, setting, timing, note))
-            print(label, f"p={p:g}", mode, setting, timing, note, flush=True)
-        module.launch_settings = defaults
-        for mode in ("fwd", "fwd+bwd"):
-            timed = [r[2] for r in results if r[0] == mode and r[2] is not None]
-            best = min(timed, key=lambda t: t.back_to_back, default=None)
-            for r_mode, setting, timing, note in results:
-                if r_mode != mode:
-                    continue
-                if timing is None:
-                    rows.append([label, f"{p:g}", mode, setting, "-", "-", "-", note])
-                    continue
-                rows.append([label, f"{p:g}", mode, setting, f"{timing.flushed:.3f}",
-                             f"{timing.back_to_back:.3f}", ratio(best, timing),
-                             "fastest" if timing is best else ""])
+    for group in dict.fromkeys(r[:3] for r in results):  # (shape, dropout, mode), in run order
+        timed = [r[4] for r in results if r[:3] == group and r[4] is not None]
+        best = min(timed, key=lambda t: t.back_to_back, default=None)
+        for label, p, mode, setting, timing, note in (r for r in results if r[:3] == group):
+            if timing is None:
+                rows.append([label, f"{p:g}", mode, setting, "-", "-", "-", note])
+                continue
+            rows.append([label, f"{p:g}", mode, setting, f"{timing.flushed:.3f}",
+                         f"{timing.back_to_back:.3f}", ratio(best, timing),
+                         "fastest" if timing is best else ""])
     write_report(args.out, "tune-attention", "Attention launch settings, bf16, timed",
                  ["shape", "dropout", "mode", "setting (BLOCK_M, BLOCK_N, warps, stages)",
                   "ms flushed", "ms back-to-back", "speed vs best", "note"], rows,
@@ -150,7 +150,9 @@ def main() -> None:
                  notes="Settings are (BLOCK_M, BLOCK_N, num_warps, num_stages). The fwd rows use "
                        "the default backward settings; the fwd+bwd rows the default forward. "
                        "Speed vs best: the fastest setting's time over the row's (back-to-back, "
-                       "flushed in brackets).")
+                       "flushed in brackets).",
+                 interrupted=run.interrupted)
+    run.exit_if_interrupted()
 
 
 if __name__ == "__main__":

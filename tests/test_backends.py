@@ -67,7 +67,7 @@ def test_loss_curves_match_over_training():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         gen = torch.Generator().manual_seed(1)
         curve = []
-        for _ in range(30):
+        for _ in range(15):
             # learnable sequences: counting up mod 37 from random starts
             start = torch.randint(0, 37, (4, 1), generator=gen)
             idx = ((start + torch.arange(30)) % 37).to(DEVICE)  # (4, 30)

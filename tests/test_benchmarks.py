@@ -147,3 +147,85 @@ def test_attention_goal_is_judged_against_the_best_sdpa_backend(monkeypatch, cud
     assert triton[10] == f"{cudnn_ms:.2f}x"  # the best SDPA backend, not flash
     assert triton[11] == "0.90x"  # the best competitor of all: flex
     assert triton[12] == f"1.2x best SDPA: {verdict}"
+
+
+def test_an_interrupted_benchmark_writes_what_it_measured(monkeypatch, tmp_path):
+    """Ctrl-C (or gpu_suite.sh's deadline) during the second row: the first is written, marked
+    partial in the table and the gathered report, and the script exits 130."""
+    from benchmarks import bench_train
+    from benchmarks.report import INTERRUPTED, gather
+
+    made = []
+
+    def make_step(preset, backend, compiled):
+        made.append(backend)
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        return lambda: None, 1000, 1e9
+
+    monkeypatch.setattr(bench_train, "make_step", make_step)
+    with pytest.raises(SystemExit) as stop:
+        bench_train.main(["--quick", "--out", str(tmp_path)])
+    assert stop.value.code == 130 and made == ["reference", "torch"]
+    (result,) = tmp_path.glob("train_step-*.json")
+    written = json.loads(result.read_text())
+    assert written["interrupted"] and written["notes"].startswith(f"**{INTERRUPTED}**")
+    assert [row[0] for row in written["rows"]] == ["reference"]
+    assert INTERRUPTED in result.with_suffix(".md").read_text()
+    report = gather([result], tmp_path, "", []).read_text()
+    assert f"- **interrupted, partial**: {result.stem}" in report
+
+
+def test_ctrl_c_ends_tinygpt_bench_after_the_script_it_reached(monkeypatch, tmp_path):
+    """The terminal's SIGINT reaches `tinygpt bench` and its script alike: the script writes a
+    partial table and exits 130, the command gathers the report and starts no further script."""
+    import signal
+
+    from benchmarks.report import environment, write_report
+    from tinygpt import bench
+
+    started = []
+
+    def call(command, cwd):
+        started.append(command[2])
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C, here too
+        out = command[command.index("--out") + 1]
+        write_report(out, "layernorm", "partial", ["case"], [["one"]], environment(),
+                     interrupted=True)
+        return 130
+
+    monkeypatch.setattr(bench.subprocess, "call", call)
+    handler = signal.getsignal(signal.SIGINT)
+    report, interrupted = bench.run_benchmarks(["kernels", "train"], str(tmp_path))
+    assert interrupted and started == ["benchmarks.bench_layernorm"]
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert "**interrupted, partial**: layernorm-" in report.read_text()
+
+
+def test_gpu_suite_keeps_its_deadline(tmp_path):
+    """A stage still running at DEADLINE - MARGIN gets SIGINT, later stages do not start, and the
+    archive and summary are written all the same (a stand-in python: no GPU needed)."""
+    python = tmp_path / "python"
+    python.write_text(f"#!{sys.executable}\n"
+                      "import sys, time\n"
+                      "if 'pytest' in sys.argv:\n"
+                      "    try:\n"
+                      "        time.sleep(60)\n"
+                      "    except KeyboardInterrupt:\n"
+                      "        print('pytest interrupted'); sys.exit(130)\n")
+    python.chmod(0o755)
+    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+    env = dict(os.environ, PYTHON=str(python), OUT=str(tmp_path / "out"), DEADLINE="4",
+               MARGIN="1")
+    proc = subprocess.run(["bash", str(suite), "tests", "train"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "=== tests: stopped at DEADLINE=4 (SIGINT: what it measured is kept)" in summary
+    assert "STOPPED AT DEADLINE: tests" in summary
+    assert "=== bench_train: not run" in summary
+    assert "NOT RUN (no time left): bench_train" in summary
+    archive = tmp_path / "out" / "gpu_suite-tests-train.tgz"
+    listing = subprocess.run(["tar", "-xzOf", str(archive), "./tests.log"], capture_output=True,
+                             text=True, check=True).stdout
+    assert "pytest interrupted" in listing

@@ -8,6 +8,7 @@ and the `bench` extra: pytest (the scripts hold pytest entries too) and matplotl
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
 import sys
 import time
@@ -31,8 +32,10 @@ def repository_root() -> Path:
     return root
 
 
-def run_benchmarks(suites: list[str], out_dir: str, quick: bool = False) -> Path:
-    """Run the chosen suites, then gather what they wrote into OUT_DIR/report-DEVICE-DATE.md."""
+def run_benchmarks(suites: list[str], out_dir: str, quick: bool = False) -> tuple[Path, bool]:
+    """Run the chosen suites, then gather what they wrote into OUT_DIR/report-DEVICE-DATE.md.
+    Returns the report and whether Ctrl-C cut the run short: the script it reached writes what
+    it measured (it gets the terminal's SIGINT too), the rest do not start."""
     root = repository_root()
     if importlib.util.find_spec("pytest") is None:
         raise UserError('tinygpt bench needs pytest (its scripts hold pytest entries too): '
@@ -46,19 +49,29 @@ def run_benchmarks(suites: list[str], out_dir: str, quick: bool = False) -> Path
     except OSError as e:
         raise UserError(f"cannot create the output directory {out} ({e.strerror or e})") from e
     started = time.time()
-    failures = []
-    for suite in suites:
-        for script in SUITES[suite]:
+    failures, interrupted = [], []
+    # While a script runs, Ctrl-C is its to answer; here it only ends the run after that script.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        for script in (s for suite in suites for s in SUITES[suite]):
+            if interrupted:
+                break
             print(f"== {script}", flush=True)
             t0 = time.perf_counter()
             rc = subprocess.call([sys.executable, "-m", f"benchmarks.{script}", "--out", str(out),
                                   *(["--quick"] if quick else [])], cwd=root)
             print(f"== {script}: {'exit ' + str(rc) if rc else 'done'} in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
-            if rc:
+            if rc and (interrupted or rc == 128 + signal.SIGINT):  # Ctrl-C reached it, or it alone
+                interrupted.append(signal.SIGINT)
+            elif rc:
                 failures.append(f"{script} (exit {rc})")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     written = sorted(p for p in out.glob("*.json") if p.stat().st_mtime >= started)
     if not written:
+        if interrupted:
+            raise KeyboardInterrupt
         raise UserError("no benchmark wrote a result; see the output above")
     sys.path.insert(0, str(root))  # benchmarks/ is a folder of the checkout, not installed
     from benchmarks.report import gather
@@ -69,4 +82,4 @@ def run_benchmarks(suites: list[str], out_dir: str, quick: bool = False) -> Path
     print(f"wrote {report}")
     if failures:
         raise UserError(f"benchmarks failed: {', '.join(failures)} (report: {report})")
-    return report
+    return report, bool(interrupted)

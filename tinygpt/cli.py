@@ -169,7 +169,10 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks
 
-    run_benchmarks(args.suites or list(SUITES), args.out, args.quick)
+    report, interrupted = run_benchmarks(args.suites or list(SUITES), args.out, args.quick)
+    if interrupted:
+        print(f"tinygpt: interrupted; {report} holds what was measured", file=sys.stderr)
+        return 130
     return 0
 
 
