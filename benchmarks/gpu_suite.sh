@@ -14,9 +14,9 @@
 # failed. Copy the tables you keep into benchmarks/results/.
 #
 # DEADLINE=SECONDS bounds the whole call (under a limit such as the device tool's 600 s, say
-# DEADLINE=570): a stage still running MARGIN (default 20) seconds before it gets SIGINT and
-# writes the rows it measured, marked partial; a stage that would get less than MARGIN seconds
-# is not started; the archive is packed either way. The tests stage runs in TEST_WORKERS
+# DEADLINE=570): a stage still running MARGIN (default 20) seconds before the deadline gets
+# SIGINT and writes the rows it measured, marked partial; a stage that would get less than
+# MARGIN seconds is not started; the archive is packed either way. The tests stage runs in TEST_WORKERS
 # (default 8) processes when pytest-xdist is installed, lists its slowest tests and writes
 # tests-junit.xml.
 set -uo pipefail
