@@ -21,13 +21,18 @@
 # tests-junit.xml.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DEADLINE=${DEADLINE:-}
+MARGIN=${MARGIN:-20}
+for name in DEADLINE MARGIN; do
+    value=${!name}
+    [[ -z "$value" || "$value" =~ ^[0-9]+$ ]] ||
+        { echo "gpu_suite.sh: $name must be whole seconds, got '$value'" >&2; exit 2; }
+done
 OUT=${OUT:-bench-results}
 WORK=${WORK:-$(mktemp -d)}
 RESULTS="$WORK/results"
 mkdir -p "$OUT" "$RESULTS"
 PY=${PYTHON:-python3}
-DEADLINE=${DEADLINE:-}
-MARGIN=${MARGIN:-20}
 export PYTHONUNBUFFERED=1
 stages=("${@:-all}")
 tag=$(IFS=-; echo "${stages[*]}")
@@ -91,9 +96,11 @@ $PY -c "import tinygpt" 2>/dev/null || $PY -m pip install --no-deps --no-build-i
 data_args=()
 [ -n "${DATA:-}" ] && data_args=(--data "$DATA")
 
-test_args=(-q -p no:cacheprovider --durations=30 --junitxml="$WORK/tests-junit.xml")
-$PY -c "import xdist" 2>/dev/null && test_args+=(-n "${TEST_WORKERS:-8}")
-wants tests && run tests $PY -m pytest tests "${test_args[@]}"
+if wants tests; then
+    test_args=(-q -p no:cacheprovider --durations=30 --junitxml="$WORK/tests-junit.xml")
+    $PY -c "import xdist" 2>/dev/null && test_args+=(-n "${TEST_WORKERS:-8}")
+    run tests $PY -m pytest tests "${test_args[@]}"
+fi
 wants layernorm kernels && run bench_layernorm $PY -m benchmarks.bench_layernorm --out "$RESULTS"
 wants attention kernels && run bench_attention $PY -m benchmarks.bench_attention --out "$RESULTS"
 wants train && run bench_train $PY -m benchmarks.bench_train --out "$RESULTS"

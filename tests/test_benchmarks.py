@@ -229,3 +229,6 @@ def test_gpu_suite_keeps_its_deadline(tmp_path):
     listing = subprocess.run(["tar", "-xzOf", str(archive), "./tests.log"], capture_output=True,
                              text=True, check=True).stdout
     assert "pytest interrupted" in listing
+    env["DEADLINE"] = "9m"
+    proc = subprocess.run(["bash", str(suite), "tests"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "DEADLINE must be whole seconds, got '9m'" in proc.stderr

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .signals import StopRequest
 
 DEFAULT_OUT = "bench-results"
 SUITES = {
@@ -34,8 +35,8 @@ def repository_root() -> Path:
 
 def run_benchmarks(suites: list[str], out_dir: str, quick: bool = False) -> tuple[Path, bool]:
     """Run the chosen suites, then gather what they wrote into OUT_DIR/report-DEVICE-DATE.md.
-    Returns the report and whether Ctrl-C cut the run short: the script it reached writes what
-    it measured (it gets the terminal's SIGINT too), the rest do not start."""
+    Returns the report and whether a signal cut the run short: the script it reached writes what
+    it measured (Ctrl-C reaches it too), the rest do not start; a second signal exits at once."""
     root = repository_root()
     if importlib.util.find_spec("pytest") is None:
         raise UserError('tinygpt bench needs pytest (its scripts hold pytest entries too): '
@@ -49,25 +50,22 @@ def run_benchmarks(suites: list[str], out_dir: str, quick: bool = False) -> tupl
     except OSError as e:
         raise UserError(f"cannot create the output directory {out} ({e.strerror or e})") from e
     started = time.time()
-    failures, interrupted = [], []
-    # While a script runs, Ctrl-C is its to answer; here it only ends the run after that script.
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
-    try:
+    failures, interrupted = [], False
+    # While a script runs, a signal is its to answer (Ctrl-C reaches it too); here it only ends
+    # the run after that script.
+    with StopRequest(speak=False) as stop:
         for script in (s for suite in suites for s in SUITES[suite]):
-            if interrupted:
-                break
             print(f"== {script}", flush=True)
             t0 = time.perf_counter()
             rc = subprocess.call([sys.executable, "-m", f"benchmarks.{script}", "--out", str(out),
                                   *(["--quick"] if quick else [])], cwd=root)
             print(f"== {script}: {'exit ' + str(rc) if rc else 'done'} in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
-            if rc and (interrupted or rc == 128 + signal.SIGINT):  # Ctrl-C reached it, or it alone
-                interrupted.append(signal.SIGINT)
-            elif rc:
+            interrupted = stop.signum is not None or rc == 128 + signal.SIGINT
+            if rc and not interrupted:
                 failures.append(f"{script} (exit {rc})")
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            if interrupted:
+                break
     written = sorted(p for p in out.glob("*.json") if p.stat().st_mtime >= started)
     if not written:
         if interrupted:
@@ -82,4 +80,4 @@ def run_benchmarks(suites: list[str], out_dir: str, quick: bool = False) -> tupl
     print(f"wrote {report}")
     if failures:
         raise UserError(f"benchmarks failed: {', '.join(failures)} (report: {report})")
-    return report, bool(interrupted)
+    return report, interrupted
