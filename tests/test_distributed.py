@@ -4,14 +4,18 @@ The launches here are the README's: `torchrun --nproc_per_node=2 -m tinygpt trai
 (`python -m torch.distributed.run` is torchrun).
 """
 
+import gc
 import os
 import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
+from tinygpt import distributed
 from tinygpt.checkpoint import load_checkpoint
 from tinygpt.train import train
 
@@ -74,10 +78,25 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path, corpus_path):
     assert_same_weights(resumed["model"].state_dict(), reference["model"].state_dict())
 
 
-def _worker(rank: int, port: int, corpus: str, out_dir: str) -> None:
+def _join_job(rank: int, port: int) -> None:
+    """Make this process rank `rank` of a two-process job whose process group is destroyed
+    only once no DDP wrapper is left: one let go of afterwards can hang the process at exit
+    (see `distributed.stop`)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    stop = distributed.stop
+
+    def checked_stop():
+        alive = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+        assert not alive, "a DDP wrapper outlives the process group"
+        stop()
+
+    distributed.stop = checked_stop
+
+
+def _worker(rank: int, port: int, corpus: str, out_dir: str) -> None:
+    _join_job(rank, port)
     summary = train("cpu-baby", {**ARGS, "max_iters": 5, "eval_interval": 5, "dropout": 0.1,
                                  "out_dir": out_dir}, data=corpus)
     torch.save(summary["model"].state_dict(), os.path.join(out_dir, f"rank{rank}.params"))
@@ -89,6 +108,23 @@ def test_every_rank_holds_identical_parameters(tmp_path, corpus_path):
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     assert_same_weights(ranks[0], load_checkpoint(tmp_path / "last.pt")["model"], atol=0)
+
+
+def _failing_worker(rank: int, port: int, corpus: str, out_dir: str) -> None:
+    _join_job(rank, port)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a failed step")
+
+    DistributedDataParallel.forward = forward  # the traceback's frames hold the wrapper
+    with pytest.raises(RuntimeError, match="a failed step"):
+        train("cpu-baby", {**ARGS, "max_iters": 5, "out_dir": out_dir}, data=corpus)
+
+
+def test_a_step_that_fails_inside_ddp_lets_go_of_it_before_the_process_group(tmp_path,
+                                                                              corpus_path):
+    mp.spawn(_failing_worker, args=(free_port(), str(corpus_path), str(tmp_path)), nprocs=2,
+             join=True)
 
 
 def test_grad_accum_must_divide_among_processes(tmp_path, corpus_path):

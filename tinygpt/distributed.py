@@ -7,6 +7,8 @@ gloo on the CPU.
 
 from __future__ import annotations
 
+import traceback
+
 import torch
 import torch.distributed as dist
 
@@ -22,8 +24,24 @@ def start(ctx: Context, device: torch.device) -> None:
 
 
 def stop() -> None:
+    """Destroy the process group. Nothing may hold it from C++ by then, DDP's reducer above all:
+    a holder let go of later destroys the group while holding the GIL, which gloo's worker
+    threads need to drop their last collective's tensors, and the process hangs at exit."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def clear_frames(error: BaseException) -> None:
+    """Clear the locals of the finished frames that `error` and the exceptions chained to it
+    keep alive (a failed step's DDP wrapper among them), so that they go before `stop()`."""
+    pending, seen = [error], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        pending += [e.__cause__, e.__context__]
 
 
 def max_over_ranks(value: float, device: torch.device) -> float:

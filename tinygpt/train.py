@@ -257,11 +257,18 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
         device = pick_device(cfg.device, ctx.local_rank if ctx.enabled else None)
         stop.check()
         distributed.start(ctx, device)
+        run = None
         try:
             run = _Run(ctx, device, model_cfg, cfg, text, data, tokenizer, ckpt, ckpt_path,
                        log_interval, stop, preset if ckpt is None else None)
             return run.loop(replacing if overwrite else [])
+        except BaseException as error:
+            if ctx.enabled:
+                distributed.clear_frames(error)
+            raise
         finally:
+            if run is not None:
+                run.close()  # the DDP wrapper goes before the process group it holds
             distributed.stop()
 
 
@@ -328,6 +335,10 @@ class _Run:
         if ctx.enabled:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.eval_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def close(self) -> None:
+        """Let go of the DDP wrapper, which must be gone before `distributed.stop()`."""
+        self.step_model = self.eval_model
 
     def _out_of_memory_reported(self, doing: str):
         kept = (f"the checkpoints in {self.out_dir}/ are kept" if self.wrote
