@@ -7,19 +7,29 @@ runs them as a fresh clone would (CI does both), `--corpus shared` insists on th
 
 Every test draws from random generators seeded by its own name, so it sees the same inputs alone,
 in the default order and in the shuffled order `--shuffle SEED` runs (CI runs one).
+
+A child process that outlives its timeout fails its test with the Python stacks of every process
+it started (`ChildProcess`), not with a bare TimeoutExpired.
 """
 
+import contextlib
 import os
 import random
+import resource
+import signal
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every Python process the tests start prints each thread's stack when it is sent SIGABRT.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -99,14 +109,110 @@ def small_text_file(tmp_path) -> Path:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and its descendants, parents before children (from Linux's /proc; elsewhere `root`
+    alone)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone since the listing
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ..."
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree = [root]
+    for pid in tree:
+        tree.extend(children.get(pid, ()))
+    return tree
+
+
+def abort_with_stacks(roots: list[int]) -> list[int]:
+    """End hung processes, `roots` and their descendants, so that each Python one prints the
+    stack of every thread where it stood (PYTHONFAULTHANDLER) to its stderr. All are stopped
+    first, so that none reacts to another's end; then, children first, each is sent SIGABRT
+    without a core dump and let go, one at a time. Returns the pids it signalled."""
+    tree = [pid for root in roots for pid in process_tree(root)]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in reversed(tree):
+        try:
+            if hasattr(resource, "prlimit"):
+                resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+            os.kill(pid, signal.SIGABRT)
+            os.kill(pid, signal.SIGCONT)
+        except (ProcessLookupError, PermissionError):
+            continue
+        time.sleep(0.2)  # one process's stacks at a time
+    return tree
+
+
+class ChildProcess(subprocess.Popen):
+    """`subprocess.Popen` whose `communicate` fails the test when the timeout passes, with the
+    end of the child's stderr: the stacks of its processes (`abort_with_stacks`)."""
+
+    def communicate(self, input=None, timeout=None):
+        try:
+            return super().communicate(input, timeout)
+        except subprocess.TimeoutExpired:
+            tree = abort_with_stacks([self.pid])
+            try:
+                _, err = super().communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                for pid in tree:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                _, err = super().communicate()
+            if isinstance(err, bytes):
+                err = err.decode(errors="replace")
+            pytest.fail(f"{self.args} still running after {timeout} s; its processes were sent "
+                        f"SIGABRT. The end of its stderr:\n{(err or '(not captured)')[-10000:]}",
+                        pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def spawn_job():
+    """`torch.multiprocessing.spawn(fn, args, nprocs)` for a test, joined within `timeout` s: a
+    job still running then fails the test, its processes' stacks in the captured stderr
+    (`abort_with_stacks`)."""
+
+    def spawn(fn, args: tuple, nprocs: int, *, timeout: float) -> None:
+        context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                abort_with_stacks(context.pids())
+                for process in context.processes:
+                    process.join(30)
+                pytest.fail(f"{fn.__name__} still running in {nprocs} processes after {timeout} "
+                            "s; they were sent SIGABRT: their stacks are in the captured stderr",
+                            pytrace=False)
+
+    return spawn
+
+
+@pytest.fixture(scope="session")
+def run_command():
+    """`subprocess.run(cmd, capture_output=True, text=True, timeout=...)` for a test, whose
+    timeout fails it with the stacks of the command's processes (`ChildProcess`)."""
+
+    def run(cmd, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+        with ChildProcess(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          **kwargs) as proc:
+            out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    return run
+
+
 @pytest.fixture
 def spawn():
-    """`subprocess.Popen` for a test: a process still running when the test ends is killed, so
-    that a failing test leaves nothing behind."""
+    """`ChildProcess` for a test: a process still running when the test ends is killed, so that a
+    failing test leaves nothing behind."""
     started = []
 
-    def popen(*args, **kwargs) -> subprocess.Popen:
-        started.append(subprocess.Popen(*args, **kwargs))
+    def popen(*args, **kwargs) -> ChildProcess:
+        started.append(ChildProcess(*args, **kwargs))
         return started[-1]
 
     yield popen

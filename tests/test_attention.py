@@ -397,14 +397,12 @@ print((out.double() - ref).abs().max().item(), (q.grad.double() - exact.grad).ab
 """
 
 
-def test_offsets_past_two_to_the_31_elements():
+def test_offsets_past_two_to_the_31_elements(run_command):
     """A view whose rows lie more than 2**31 elements apart (4 GiB of address space, untouched):
     32-bit offsets would read and write the wrong rows, or crash, so it runs in a child."""
-    import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _OVERFLOW_SCRIPT, DEVICE], capture_output=True,
-                          text=True, timeout=300)
+    proc = run_command([sys.executable, "-c", _OVERFLOW_SCRIPT, DEVICE], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out_err, grad_err = map(float, proc.stdout.split())
     assert out_err < 2e-3 and grad_err < 2e-3

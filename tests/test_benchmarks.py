@@ -33,15 +33,14 @@ def instant_timing(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_as_the_readme_writes_it(tmp_path):
+def test_bench_as_the_readme_writes_it(tmp_path, run_command):
     """`tinygpt bench --quick`, the installed command, from a directory of the user's: every
     suite runs, the report accounts for every provider, and results land in ./bench-results,
     not in the checkout."""
     checkout = Path(__file__).resolve().parents[1]
     tracked = sorted(os.listdir(checkout / "benchmarks" / "results"))
     command = Path(sys.executable).with_name("tinygpt")
-    proc = subprocess.run([str(command), "bench", "--quick"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_command([str(command), "bench", "--quick"], cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(checkout / "benchmarks" / "results")) == tracked
     tmp_path = tmp_path / "bench-results"
@@ -202,7 +201,7 @@ def test_ctrl_c_ends_tinygpt_bench_after_the_script_it_reached(monkeypatch, tmp_
     assert "**interrupted, partial**: layernorm-" in report.read_text()
 
 
-def test_gpu_suite_keeps_its_deadline(tmp_path):
+def test_gpu_suite_keeps_its_deadline(tmp_path, run_command):
     """A stage still running at DEADLINE - MARGIN gets SIGINT, later stages do not start, and the
     archive and summary are written all the same (a stand-in python: no GPU needed)."""
     python = tmp_path / "python"
@@ -217,8 +216,7 @@ def test_gpu_suite_keeps_its_deadline(tmp_path):
     suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
     env = dict(os.environ, PYTHON=str(python), OUT=str(tmp_path / "out"), DEADLINE="4",
                MARGIN="1")
-    proc = subprocess.run(["bash", str(suite), "tests", "train"], env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = run_command(["bash", str(suite), "tests", "train"], env=env, timeout=60)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "=== tests: stopped at DEADLINE=4 (SIGINT: what it measured is kept)" in summary
@@ -230,5 +228,5 @@ def test_gpu_suite_keeps_its_deadline(tmp_path):
                              text=True, check=True).stdout
     assert "pytest interrupted" in listing
     env["DEADLINE"] = "9m"
-    proc = subprocess.run(["bash", str(suite), "tests"], env=env, capture_output=True, text=True)
+    proc = run_command(["bash", str(suite), "tests"], env=env, timeout=60)
     assert proc.returncode == 2 and "DEADLINE must be whole seconds, got '9m'" in proc.stderr

@@ -4,7 +4,6 @@ imported), through the Python API, and in the checkpoints that are loaded."""
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -89,7 +88,7 @@ print(json.dumps({"results": results, "imported": sorted(
 
 
 @pytest.fixture(scope="module")
-def answers(tmp_path_factory):
+def answers(tmp_path_factory, run_command):
     """Every bad command line of BAD_ARGUMENTS, the --help pages and --version, in one fresh
     process."""
     out = tmp_path_factory.mktemp("answers") / "out"
@@ -99,9 +98,8 @@ def answers(tmp_path_factory):
     cases.update({"train help": ["train", "--help"], "sample help": ["sample", "--help"],
                   "cpu-baby help": ["train", "--preset", "cpu-baby", "--help"],
                   "version": ["--version"]})
-    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(cases)],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "300"})  # help lines unwrapped
+    proc = run_command([sys.executable, "-c", _PROBE, json.dumps(cases)], timeout=120,
+                       env={**os.environ, "COLUMNS": "300"})  # help lines unwrapped
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), out
 

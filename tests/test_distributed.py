@@ -7,12 +7,10 @@ The launches here are the README's: `torchrun --nproc_per_node=2 -m tinygpt trai
 import gc
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from tinygpt import distributed
@@ -35,15 +33,13 @@ def cli_flags(values: dict) -> list[str]:
             for f in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def torchrun(nproc: int, corpus, out_dir, **overrides):
+def torchrun(run_command, nproc: int, corpus, out_dir, **overrides):
+    """`tinygpt train` on the cpu-baby preset and ARGS in `nproc` processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "tinygpt", "train", "--preset", "cpu-baby", "--data", str(corpus),
            *cli_flags({**ARGS, "out_dir": out_dir, **overrides})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_command(cmd, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def assert_same_weights(a: dict, b: dict, atol=1e-6):
@@ -52,11 +48,12 @@ def assert_same_weights(a: dict, b: dict, atol=1e-6):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
 
 
-def test_two_processes_match_one_and_resume_in_one(tmp_path, corpus_path):
+def test_two_processes_match_one_and_resume_in_one(tmp_path, corpus_path, run_command):
     """Without --grad-accum each process takes one micro-batch: the global batch of two
     micro-batches that one process with --grad-accum 2 steps on."""
-    proc = torchrun(2, corpus_path, tmp_path / "two", max_iters=6, eval_interval=3,
+    proc = torchrun(run_command, 2, corpus_path, tmp_path / "two", max_iters=6, eval_interval=3,
                     grad_accum=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("tinygpt: preset") == 1  # only rank 0 speaks
     assert "| 2 processes x 1 micro-batch of 4 (global batch 8)" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".tinygpt.lock", "best.pt",
@@ -102,8 +99,8 @@ def _worker(rank: int, port: int, corpus: str, out_dir: str) -> None:
     torch.save(summary["model"].state_dict(), os.path.join(out_dir, f"rank{rank}.params"))
 
 
-def test_every_rank_holds_identical_parameters(tmp_path, corpus_path):
-    mp.spawn(_worker, args=(free_port(), str(corpus_path), str(tmp_path)), nprocs=2, join=True)
+def test_every_rank_holds_identical_parameters(tmp_path, corpus_path, spawn_job):
+    spawn_job(_worker, (free_port(), str(corpus_path), str(tmp_path)), 2, timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.params", weights_only=True) for r in range(2)]
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
@@ -122,17 +119,13 @@ def _failing_worker(rank: int, port: int, corpus: str, out_dir: str) -> None:
 
 
 def test_a_step_that_fails_inside_ddp_lets_go_of_it_before_the_process_group(tmp_path,
-                                                                              corpus_path):
-    mp.spawn(_failing_worker, args=(free_port(), str(corpus_path), str(tmp_path)), nprocs=2,
-             join=True)
+                                                                              corpus_path,
+                                                                              spawn_job):
+    spawn_job(_failing_worker, (free_port(), str(corpus_path), str(tmp_path)), 2, timeout=120)
 
 
-def test_grad_accum_must_divide_among_processes(tmp_path, corpus_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "tinygpt", "train",
-           "--preset", "cpu-baby", "--data", str(corpus_path),
-           *cli_flags({**ARGS, "grad_accum": 3, "out_dir": tmp_path})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+def test_grad_accum_must_divide_among_processes(tmp_path, corpus_path, run_command):
+    proc = torchrun(run_command, 2, corpus_path, tmp_path, grad_accum=3)
     assert proc.returncode != 0
     assert proc.stderr.count("tinygpt: error: grad_accum (3) must be a multiple of the number "
                              "of processes (2)") == 1  # one rank speaks for all

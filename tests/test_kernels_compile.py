@@ -8,7 +8,6 @@ suite uses on the CPU, must be off in the child process.
 
 import importlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,13 +30,12 @@ BEFORE = ROOT / "benchmarks" / "results" / "compile-sm90-before-issue12-cpu-2026
 
 @pytest.mark.slow
 @pytest.mark.skipif(not PTXAS.is_file(), reason="this Triton build ships no ptxas")
-def test_model_kernels_compile_for_every_target_without_spills(tmp_path):
+def test_model_kernels_compile_for_every_target_without_spills(tmp_path, run_command):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     archs = [str(a) for a in ARCHS]
-    proc = subprocess.run(
+    proc = run_command(
         [sys.executable, "-m", "benchmarks.compile_check", "--quick", "--arch", *archs,
-         "--out", str(tmp_path), "--baseline", str(BEFORE)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+         "--out", str(tmp_path), "--baseline", str(BEFORE)], cwd=ROOT, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (report,) = tmp_path.glob("compile-sm80-86-90-*.md")
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]

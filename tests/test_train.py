@@ -345,10 +345,11 @@ main(["train", "--preset", "cpu-baby", "--data", sys.argv[1], "--out-dir", sys.a
 """
 
 
-def test_training_killed_while_writing_keeps_the_previous_checkpoint(tmp_path, corpus_path):
+def test_training_killed_while_writing_keeps_the_previous_checkpoint(tmp_path, corpus_path,
+                                                                      run_command):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(corpus_path), str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-c", KILL_MID_WRITE, str(corpus_path), str(out)],
+                       timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "step 5:" in proc.stderr  # it died writing the second evaluation's checkpoint
     assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the torn temporary file
