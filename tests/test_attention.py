@@ -232,17 +232,38 @@ def test_registered_op_passes_opcheck():
                           (q, k, v, True, 0.0, seed, 0.25), **kwargs)
 
 
-def test_torch_compile_traces_without_graph_break():
-    """fullgraph=True fails on a graph break; the compiled call computes the reference's output
-    with the kernel's dropout mask. On the CPU only dynamo traces (backend="eager"): AOT tracing
-    would run the interpreter on fake tensors."""
-    q, k, v = _qkv(1, 2, 37, 37, 16, torch.float32)
+@pytest.mark.parametrize("packed", [False, True], ids=["q,k,v", "packed qkv"])
+def test_torch_compile_forward_and_backward_equal_eager(packed):
+    """fullgraph=True fails on a graph break. With a fixed dropout seed, the compiled forward and
+    backward give eager's output and gradient, and the output is the reference's with the
+    kernel's mask. On CUDA inductor compiles both passes; on the CPU only dynamo traces
+    (backend="eager"): AOT tracing would run the interpreter on fake tensors."""
+    B, T, H, D = 1, 37, 2, 16
+    qkv = torch.randn(B, T, 3, H, D, device=DEVICE)
+    do = torch.randn(B, H, T, D, device=DEVICE)
+
+    def split(qkv):
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
+
+    def fn(qkv):
+        if packed:
+            return attention_qkv(qkv, dropout_p=0.1, seed=4)
+        return attention(*split(qkv), dropout_p=0.1, seed=4)
+
+    def run(f):
+        leaf = qkv.clone().requires_grad_(True)
+        out = f(leaf)
+        out.backward(do)
+        return out.detach(), leaf.grad
+
     torch._dynamo.reset()
-    compiled = torch.compile(lambda q, k, v: attention(q, k, v, dropout_p=0.1, seed=4),
-                             backend="inductor" if CUDA else "eager", fullgraph=True)
-    mask = attention_dropout_mask(1, 2, 37, 37, 0.1, seed=4, device=DEVICE)
-    expected = attention_reference(q, k, v, dropout_p=0.1, dropout_mask=mask)
-    torch.testing.assert_close(compiled(q, k, v), expected, atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(fn, backend="inductor" if CUDA else "eager", fullgraph=True)
+    (out, grad), (eager_out, eager_grad) = run(compiled), run(fn)
+    torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, eager_grad, atol=1e-6, rtol=1e-6)
+    mask = attention_dropout_mask(B, H, T, T, 0.1, seed=4, device=DEVICE)
+    expected = attention_reference(*split(qkv), dropout_p=0.1, dropout_mask=mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not CUDA, reason="peak memory is measured on CUDA")
@@ -304,14 +325,16 @@ def test_dropout_probability_is_exact_to_16_bits():
         assert 0 < mask.sum().item() < 60  # 2**20 draws at 2**-16: 16 expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_dropout_in_16_bit_tiles_matches_its_mask(causal):
-    """fp16 runs the large tiles (forward 128 x 64, dK/dV 32 x 128, dQ 128 x 32), so every
-    kernel regenerates the mask of several tiles, transposed in dK/dV."""
-    B, H, T, D = 1, 2, 150, 64
-    qkv = torch.randn(B, T, 3, H, D, device=DEVICE, dtype=torch.float16)
+def test_dropout_in_16_bit_tiles_on_strided_views_matches_its_mask(causal, dtype):
+    """The model's training path: dropout 0.2 on q, k, v viewed out of one projection, in 16-bit
+    tiles (forward 128 x 64, dK/dV 32 x 128, dQ 128 x 32), so every kernel regenerates the mask
+    of several tiles, transposed in dK/dV. On CUDA at the model's shape, in bf16 too."""
+    B, H, T, D = (4, 6, 256, 64) if CUDA else (1, 2, 150, 64)
+    qkv = torch.randn(B, T, 3, H, D, device=DEVICE, dtype=dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
-    do = torch.randn(B, H, T, D, device=DEVICE, dtype=torch.float16)
+    do = torch.randn(B, H, T, D, device=DEVICE, dtype=dtype)
     _assert_dropout_matches_its_mask(q, k, v, do, 0.2, causal)
 
 

@@ -259,17 +259,23 @@ def test_backward_op_passes_opcheck():
              (dy, x, torch.randn_like(x), w, mean, rstd, dx, dr, dw, db))
 
 
-def test_torch_compile_traces_without_graph_break():
-    x, w, b, _ = _inputs((5, 33), torch.float32, "weight+bias")
+def test_torch_compile_forward_and_backward_equal_eager():
+    """fullgraph=True fails on a graph break; the compiled forward and backward give eager's
+    output and every gradient (x, residual, weight, bias), and the output is the reference's.
+    On CUDA inductor compiles both passes; on the CPU only dynamo traces."""
+    x, w, b, dy = _inputs((5, 33), torch.float32, "weight+bias")
     r = torch.randn_like(x)
-    backend = "inductor" if DEVICE == "cuda" else "eager"  # dynamo only, on the CPU
-    torch._dynamo.reset()
+    backend = "inductor" if DEVICE == "cuda" else "eager"
 
-    def block(x, r):
+    def block(x, r, w, b):
         y, h = add_layer_norm(x, r, w, b, out_dtype=torch.float16)
         return layer_norm(y.float() + h, w, b)
 
-    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(block, backend=backend, fullgraph=True), (x, r, w, b), [dy])
+    eager = _run(block, (x, r, w, b), [dy])
+    for name, c, e in zip(("out", "dx", "dr", "dw", "db"), compiled, eager):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5, msg=name)
     h = x + r
     expected = layer_norm_reference(layer_norm_reference(h, w, b).half().float() + h, w, b)
-    torch.testing.assert_close(compiled(x, r), expected, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(compiled[0], expected, atol=1e-3, rtol=1e-3)
