@@ -184,6 +184,8 @@ def spawn_job():
                 abort_with_stacks(context.pids())
                 for process in context.processes:
                     process.join(30)
+                    if process.is_alive():
+                        process.kill()
                 pytest.fail(f"{fn.__name__} still running in {nprocs} processes after {timeout} "
                             "s; they were sent SIGABRT: their stacks are in the captured stderr",
                             pytrace=False)

@@ -156,13 +156,13 @@ def test_train_command_with_compile_on_the_triton_backend(tmp_path, small_text_f
     """Training steps of the model under torch.compile on the fused kernels, bf16 autocast: the
     losses of eager's steps (dropout 0, so both runs draw the same numbers), up to bf16 noise."""
     runs = {}
-    for compile in (False, True):
+    for use_compile in (False, True):
         summary = train("shakespeare-char", dict(
             n_layer=2, batch_size=8, dropout=0.0, lr=3e-3, max_iters=4, eval_interval=2,
-            eval_iters=2, device="cuda", backend="triton", compile=compile,
-            out_dir=str(tmp_path / str(compile))), data=str(small_text_file))
+            eval_iters=2, device="cuda", backend="triton", compile=use_compile,
+            out_dir=str(tmp_path / str(use_compile))), data=str(small_text_file))
         assert summary["steps"] == 4
-        runs[compile] = [(e["train"], e["val"]) for e in summary["history"]]
+        runs[use_compile] = [(e["train"], e["val"]) for e in summary["history"]]
     assert "backend triton + compile" in capsys.readouterr().err
     assert len(runs[True]) == len(runs[False]) >= 2
     for compiled, eager in zip(runs[True], runs[False]):

@@ -1,6 +1,7 @@
 """The harness's own promise (tests/conftest.py): a child that hangs fails its test with the
 stacks of every process it started, and leaves none of them running."""
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_a_hung_child_fails_with_the_stacks_of_its_processes(tmp_path, run_comma
 
 
 def _worker_waits(rank: int, pid_dir: str) -> None:
-    (Path(pid_dir) / f"{rank}.pid").write_text(str(__import__("os").getpid()))
+    (Path(pid_dir) / f"{rank}.pid").write_text(str(os.getpid()))
     time.sleep(600)
 
 
