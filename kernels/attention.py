@@ -48,9 +48,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from .gpu import LEAST_SHARED_MEMORY, MIN_CAPABILITY, Target, interpreted, on_device, target
+from .gpu import (
+    LEAST_SHARED_MEMORY,
+    MIN_CAPABILITY,
+    Target,
+    interpreted,
+    on_device,
+    target,
+    traceable,
+)
 
 MAX_HEAD_DIM = 256
 MAX_BATCH_HEADS = 65535  # B * H runs along the second launch-grid axis
@@ -438,13 +446,14 @@ def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict
 
     Settings go by the padded head dim `block_d(D)`. The diagonal passes need forward and dQ
     BLOCK_M % BLOCK_N == 0 and dK/dV BLOCK_N % BLOCK_M == 0. benchmarks/compile_check.py
-    compiles every setting for sm_80, 86, 89, 90 and 120: none spills registers, all fit the
-    shared memory of their target. Only 16-bit D > 64 differs between architectures: at 128,
-    Hopper's warpgroup MMAs keep a 128 x 64 forward tile in registers, mma.sync on Ampere and Ada
-    does not, and consumer Blackwell (sm_120) needs smaller tiles still; at 256 the tiles are
-    small everywhere and a third pipeline stage fits only on A100 and Hopper. fp32 inputs use FMA
-    matmuls, which hold whole operand rows per thread: small tiles. A device with less shared
-    memory than any of those targets pipelines two stages instead of three. Each setting:
+    compiles every setting for sm_80, 86, 89, 90 and 120: with Triton 3.8 none spills registers,
+    with 3.6 (torch 2.11's) no 16-bit one does, and all fit the shared memory of their target.
+    Hopper's warpgroup MMAs keep large tiles in registers; mma.sync on Ampere and Ada holds less
+    (with dropout, Triton 3.6 spills their 32 x 128 dK/dV tile at three stages, not at two), and
+    consumer Blackwell (sm_120) less still. At 256 the tiles are small everywhere and a third
+    pipeline stage fits only on A100 and Hopper. fp32 inputs use FMA matmuls, which hold whole
+    operand rows per thread: small tiles. A device with less shared memory than any of those
+    targets pipelines two stages instead of three. Each setting:
     (BLOCK_M, BLOCK_N, num_warps, num_stages).
     """
     if gpu.capability < MIN_CAPABILITY:
@@ -457,12 +466,21 @@ def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict
         settings = (16, 16, 4, 3), (16, 16, 8, 1), (16, 16, 4, 2)
     elif dtype == torch.float32:
         settings = (16, 16, 4, 2), (16, 16, 4, 1), (16, 16, 8, 1)
-    elif D <= 64:
+    elif D <= 64 and gpu.capability >= 120:  # RTX 50xx
+        settings = (128, 32, 8, 3), (16, 64, 4, 3), (128, 32, 8, 3)
+    elif D <= 64 and gpu.capability >= 90:  # H100, H200
         settings = (128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)
+    elif D <= 64:  # A100, RTX 30xx and 40xx, A10, L4
+        settings = (128, 64, 8, 3), (32, 128, 8, 2), (128, 32, 8, 3)
     elif D == 256:  # a third stage only where more than 160 KiB of shared memory fit
         stages = 3 if gpu.shared >= 160 * 1024 else 2
-        dq_rows = 64 if 90 <= gpu.capability < 120 else 32  # 32 spills on Hopper
-        settings = (64, 32, 8, stages), (16, 32, 8, stages), (dq_rows, 16, 8, stages)
+        if gpu.capability >= 120:
+            dq = (16, 16, 4)  # 32 x 16 with 8 warps spills with Triton 3.6
+        elif gpu.capability >= 90:
+            dq = (64, 16, 8)  # 32 x 16 spills on Hopper
+        else:
+            dq = (32, 16, 8)
+        settings = (64, 32, 8, stages), (16, 32, 8, stages), (*dq, stages)
     elif gpu.capability >= 120:  # RTX 50xx
         settings = (64, 32, 4, 3), (32, 32, 4, 3), (128, 16, 8, 3)
     elif gpu.capability >= 90:  # H100, H200
@@ -491,7 +509,7 @@ def _launch_forward(q, k, v, seed, causal: bool, dropout_p: float, scale: float
     keep_scale, threshold = _dropout_args(dropout_p)
     grid = (triton.cdiv(T, settings["BLOCK_M"]), B * H)
     with on_device(q):
-        wrap_triton(_attn_fwd_kernel)[grid](
+        traceable(_attn_fwd_kernel)[grid](
             q, k, v, o, lse, seed, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, T, k.shape[2], scale * LOG2E, keep_scale, threshold,
             CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=D, BLOCK_D=block_d(D),
@@ -513,13 +531,13 @@ def _launch_backward(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, 
     inputs = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     scalars = (H, T, S, scale, scale * LOG2E, keep_scale, threshold)
     with on_device(q):
-        wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(T, delta_rows(D)), B * H)](
+        traceable(_attn_bwd_delta_kernel)[(triton.cdiv(T, delta_rows(D)), B * H)](
             o, do, delta, *o.stride(), *do.stride(), H, T, 1.0 - dropout_p, HEAD_DIM=D,
             BLOCK_D=block_d(D), BLOCK_M=delta_rows(D))
-        wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(S, dkdv["BLOCK_N"]), B * H)](
+        traceable(_attn_bwd_dkdv_kernel)[(triton.cdiv(S, dkdv["BLOCK_N"]), B * H)](
             q, k, v, do, lse, delta, dk, dv, seed, *inputs, *dk.stride(), *scalars, **common,
             **dkdv)
-        wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(T, dq_settings["BLOCK_M"]), B * H)](
+        traceable(_attn_bwd_dq_kernel)[(triton.cdiv(T, dq_settings["BLOCK_M"]), B * H)](
             q, k, v, do, lse, delta, dq, seed, *inputs, *dq.stride(), *scalars, **common,
             **dq_settings)
 

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch.library import wrap_triton
 
 MIN_CAPABILITY = 80  # Ampere: native bf16 tensor cores, and the shared memory the tiles need
 
@@ -71,6 +72,14 @@ def unsupported_reason(device: torch.device) -> str | None:
     name = torch.cuda.get_device_name(device)
     return (f"{device} ({name}) has compute capability {capability // 10}.{capability % 10}; the "
             f"Triton kernels need {MIN_CAPABILITY // 10}.{MIN_CAPABILITY % 10} (Ampere) or newer")
+
+
+def traceable(kernel):
+    """`wrap_triton(kernel)`, whose launches torch.compile traces; in Triton's interpreter, the
+    kernel itself (torch before 2.13 refuses the interpreter's kernels there)."""
+    from triton.runtime.jit import JITFunction  # here: this module imports without Triton
+
+    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
 
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from .gpu import interpreted
+from .gpu import interpreted, traceable
 
 ROW_IN_REGISTERS = 4096  # widest row kept whole in registers (8192 spills on sm_86, 89, 120)
 TILE_N = 4096  # column tile of wider rows
@@ -282,7 +282,7 @@ def _launch_forward(x, residual, weight, bias, eps, out_dtype):
     mean = _new_output((M,), torch.float32, x.device)
     rstd = _new_output((M,), torch.float32, x.device)
     block_m, block_n, num_warps = _launch_config(N)
-    wrap_triton(_fwd_kernel)[(triton.cdiv(M, block_m),)](
+    traceable(_fwd_kernel)[(triton.cdiv(M, block_m),)](
         x2, r2, h, y, weight, bias, mean, rstd,
         x2.stride(0), 0 if r2 is None else r2.stride(0), 0 if h is None else h.stride(0),
         y.stride(0), M, N, eps,
@@ -334,13 +334,13 @@ def _layer_norm_bwd(
     row_sums = None
     if tiles > 1:
         row_sums = _new_output((2, M), torch.float32, h.device)
-        wrap_triton(_bwd_row_sums_kernel)[(triton.cdiv(M, block_m),)](
+        traceable(_bwd_row_sums_kernel)[(triton.cdiv(M, block_m),)](
             dy2, h2, weight, mean, rstd, row_sums, dy2.stride(0), h2.stride(0), M, N,
             HAS_W=weight is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )
     dw_part = None if dw is None else _new_output((groups, N), torch.float32, h.device)
     db_part = None if db is None else _new_output((groups, N), torch.float32, h.device)
-    wrap_triton(_bwd_kernel)[(groups, tiles)](
+    traceable(_bwd_kernel)[(groups, tiles)](
         dy2, h2, dh2, weight, mean, rstd, row_sums, dx2, dr2, dw_part, db_part,
         dy2.stride(0), h2.stride(0), 0 if dh2 is None else dh2.stride(0), dx2.stride(0),
         0 if dr2 is None else dr2.stride(0), M, N,
@@ -350,7 +350,7 @@ def _layer_norm_bwd(
     )
     if dw is not None or db is not None:
         block_g, block_cols = SUM_BLOCK
-        wrap_triton(_sum_partials_kernel)[(triton.cdiv(N, block_cols),)](
+        traceable(_sum_partials_kernel)[(triton.cdiv(N, block_cols),)](
             dw_part, db_part, dw, db, groups, N,
             HAS_W=dw is not None, HAS_B=db is not None, BLOCK_G=block_g, BLOCK_N=block_cols,
             num_warps=4,

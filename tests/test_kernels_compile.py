@@ -20,11 +20,15 @@ attention = importlib.import_module("tinygpt.kernels.attention")
 
 ROOT = Path(__file__).resolve().parents[1]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 # A100; RTX 30xx and A10; H100 and H200. sm_89 (L4, RTX 40xx) is left to compile_check's full
 # report: there all 295 of its kernels match sm_86 in registers, spills, shared memory and
 # instructions (same shared memory, same launch settings).
 ARCHS = (80, 86, 90)
-MAX_DROPOUT_COST = 1.5  # static instructions with dropout over without
+# Static instructions with dropout over without. Triton 3.6 (torch 2.11's) moves the keep mask
+# between lanes with warp shuffles on Ampere's mma layout, from the same TTGIR as 3.8, which
+# needs none: 1.52x for the forward on sm_80.
+MAX_DROPOUT_COST = 1.55 if TRITON_VERSION < (3, 7) else 1.5
 BEFORE = ROOT / "benchmarks" / "results" / "compile-sm90-before-issue12-cpu-2026-11-24.md"
 
 
