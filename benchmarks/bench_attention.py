@@ -1,6 +1,7 @@
 """Attention benchmark: the fused Triton kernels against every attention a user could pick instead.
 
     python -m benchmarks.bench_attention [--dtypes bfloat16 float16] [--quick] [--out DIR]
+        [--cases model goals sweep head-dims]
     python -m pytest benchmarks/bench_attention.py --benchmark-enable
 
 (On the CPU the pytest entries leave out the compiled competitors, which take longer to compile
@@ -213,19 +214,31 @@ def goal(label: str, shape: dict, mode: str, tflops: float | None, vs_sdpa: floa
     return "; ".join(f"{name}: {verdict(value, need)}" for name, value, need in checks)
 
 
-def cases(quick: bool) -> list[tuple[str, dict, float]]:
+CASE_GROUPS = ("model", "goals", "sweep", "head-dims")
+EVERY_CASE = ("model", "sweep", "head-dims")
+
+
+def cases(quick: bool, groups=EVERY_CASE) -> list[tuple[str, dict, float]]:
+    """(label, shape, dropout) of every case in `groups`, in the order given: model (the
+    model's shape, dropout 0 and 0.2), sweep (T = 512..16384 at D = 64 and 128), goals (the two
+    sweep cases with a TFLOP/s goal, alone), head-dims (D = 48 padded to 64, and D = 256)."""
     if quick:
         return [("quick", QUICK, 0.0), ("quick, dropout", QUICK, TRAINING_DROPOUT)]
     if not CUDA:
         return [("model (B=4)", CPU_MODEL, 0.0), ("model (B=4), dropout", CPU_MODEL,
                                                   TRAINING_DROPOUT)]
-    found = [("model", MODEL, 0.0), ("model, dropout", MODEL, TRAINING_DROPOUT)]
-    for D in (64, 128):
-        found += [("sweep", dict(B=16384 // T, H=2048 // D, T=T, D=D), 0.0) for T in SWEEP_T]
-    # Head dims off the power-of-two grid (computed padded) and the largest: measured, no goal.
-    found += [("8 heads (D=48, padded to 64)", dict(B=64, H=8, T=256, D=48), TRAINING_DROPOUT),
-              ("D=256", dict(B=8, H=8, T=2048, D=256), 0.0)]
-    return found
+    sweep = [("sweep", dict(B=16384 // T, H=2048 // D, T=T, D=D), 0.0)
+             for D in (64, 128) for T in SWEEP_T]
+    found = {
+        "model": [("model", MODEL, 0.0), ("model, dropout", MODEL, TRAINING_DROPOUT)],
+        "sweep": sweep,
+        "goals": [c for c in sweep if (c[1]["D"], c[1]["T"]) in ((64, 8192), (128, 16384))],
+        # Head dims off the power-of-two grid (computed padded) and the largest: no goal.
+        "head-dims": [("8 heads (D=48, padded to 64)", dict(B=64, H=8, T=256, D=48),
+                       TRAINING_DROPOUT), ("D=256", dict(B=8, H=8, T=2048, D=256), 0.0)],
+    }
+    chosen = [case for group in groups for case in found[group]]
+    return [case for i, case in enumerate(chosen) if case not in chosen[:i]]
 
 
 def measure(label: str, shape: dict, dtype_name: str, p: float, mode: str, found: list[Provider],
@@ -288,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="bf16 (training's) by default on CUDA; each adds a full pass")
     parser.add_argument("--quick", action="store_true",
                         help="one small shape: checks that every provider runs, not a speed")
+    parser.add_argument("--cases", nargs="+", choices=CASE_GROUPS,
+                        default=list(EVERY_CASE),
+                        help="which cases on CUDA, in this order (default: all): model, goals "
+                             "(the sweep's two TFLOP/s goal cases alone), sweep, head-dims")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     if not CUDA:
@@ -298,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, series = [], {}
     with Interruptible() as run:
         for dtype_name in args.dtypes:
-            for label, shape, p in cases(args.quick):
+            for label, shape, p in cases(args.quick, args.cases):
                 for mode in ("fwd", "fwd+bwd"):
                     measure(label, shape, dtype_name, p, mode, found,
                             rows, series if dtype_name == args.dtypes[0] else {})

@@ -1,6 +1,7 @@
 """LayerNorm benchmark: the fused Triton kernels vs PyTorch, eager and torch.compile'd.
 
-    python -m benchmarks.bench_layernorm [--dtype bfloat16] [--quick] [--out DIR]   # tables + plot
+    python -m benchmarks.bench_layernorm [--dtype bfloat16] [--cases model bandwidth sweep]
+        [--quick] [--out DIR]                                        # tables + plot
     python -m pytest benchmarks/bench_layernorm.py --benchmark-enable      # pytest-benchmark
 
 (On the CPU the pytest entries leave out the compiled competitors, which take longer to compile
@@ -246,6 +247,25 @@ def measure(case: str, shapes: list, dtype: torch.dtype, ceiling: float, found: 
                 print(" | ".join(rows[-1]), flush=True)
 
 
+CASE_GROUPS = ("model", "bandwidth", "sweep")
+
+
+def cases(groups, dtype: torch.dtype) -> list[tuple[str, list[tuple[int, int]], torch.dtype]]:
+    """(case, shapes, dtype) to measure on CUDA for `groups`, in the order given: model (the
+    model's shape: add+LayerNorm, LayerNorm in fp32 and in `dtype`), bandwidth (16k rows x 4096,
+    the copy-bandwidth goal's), sweep (every other width)."""
+    model = [("add+layernorm", [MODEL_SHAPE], dtype)]
+    model += [("layernorm", [MODEL_SHAPE], d) for d in dict.fromkeys([torch.float32, dtype])]
+    found = {
+        "model": model,
+        "bandwidth": [("add+layernorm", [BANDWIDTH_SHAPE], dtype),
+                      ("layernorm", [BANDWIDTH_SHAPE], dtype)],
+        "sweep": [("add+layernorm", [s for s in ADD_SWEEP if s != BANDWIDTH_SHAPE], dtype),
+                  ("layernorm", [s for s in SWEEP if s != BANDWIDTH_SHAPE], dtype)],
+    }
+    return [case for group in dict.fromkeys(groups) for case in found[group]]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16" if CUDA else "float32",
@@ -254,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
                              "always fp32 too, what autocast feeds LayerNorm)")
     parser.add_argument("--quick", action="store_true",
                         help="one small shape: checks that every provider runs, not a speed")
+    parser.add_argument("--cases", nargs="+", choices=CASE_GROUPS, default=list(CASE_GROUPS),
+                        help="which cases on CUDA, in this order (default: all): model, "
+                             "bandwidth (16k rows x 4096), sweep (the other widths)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -270,10 +293,8 @@ def main(argv: list[str] | None = None) -> None:
             measure("add+layernorm", QUICK_SHAPES, dtype, ceiling, found, rows, series)
             measure("layernorm", QUICK_SHAPES, dtype, ceiling, found, rows, series)
         elif CUDA:
-            measure("add+layernorm", [MODEL_SHAPE, *ADD_SWEEP], dtype, ceiling, found, rows,
-                    series)
-            measure("layernorm", [MODEL_SHAPE], torch.float32, ceiling, found, rows, series)
-            measure("layernorm", [MODEL_SHAPE, *SWEEP], dtype, ceiling, found, rows, series)
+            for case, shapes, case_dtype in cases(args.cases, dtype):
+                measure(case, shapes, case_dtype, ceiling, found, rows, series)
         else:
             measure("add+layernorm", CPU_SHAPES, dtype, ceiling, found, rows, series)
             measure("layernorm", CPU_SHAPES, dtype, ceiling, found, rows, series)

@@ -286,7 +286,7 @@ def plot(path: Path, title: str, x_label: str, y_label: str, series: dict[str, l
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in series.items():
-        xs, ys = zip(*points)
+        xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set(title=title, xlabel=x_label, ylabel=y_label)
@@ -300,12 +300,14 @@ def plot(path: Path, title: str, x_label: str, y_label: str, series: dict[str, l
 
 
 def gather(results: list[Path], out_dir: Path, heading: str, failures: list[str]) -> Path:
-    """One report, OUT_DIR/report-DEVICE-DATE.md, from the .json results of one benchmark run:
+    """One report, OUT_DIR/report-DEVICE-DATE.md (the first result's device and date, wherever
+    it is gathered), from the .json results of one benchmark run:
     the environment, what each benchmark compared (and why anything was not timed), every goal
     with its verdict, then each table with its plot."""
     parts = [json.loads(p.read_text()) | {"stem": p.stem} for p in results]
     env = parts[0]["env"]
-    path = out_dir / f"report-{DEVICE_TAG}-{env['date'][:10]}.md"
+    device_tag = parts[0]["stem"].rsplit("-", 4)[1]  # NAME-DEVICE-YYYY-MM-DD: where it ran
+    path = out_dir / f"report-{device_tag}-{env['date'][:10]}.md"
     lines = [f"# tinygpt benchmark report: {env['device']}, {env['date']}", "",
              *(f"- {k}: `{v}`" for k, v in env.items() if k not in ("date", "command")),
              *([f"- {heading}"] if heading else [])]

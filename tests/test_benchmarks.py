@@ -49,8 +49,8 @@ def test_bench_as_the_readme_writes_it(tmp_path, run_command):
     expected = {
         "attention": [p.name for p in bench_attention.providers()],
         "layernorm": [p.name for p in bench_layernorm.providers()],
-        "train_step": ["reference", "torch", "triton", "reference + compile",
-                       "torch + compile", "triton + compile"],
+        "train_step": ["reference", "torch", "triton", "torch + compile", "triton + compile",
+                       "reference + compile"],
         "generate": [],  # one model, with and without its cache
     }
     report = next(tmp_path.glob("report-*.md")).read_text()
@@ -148,6 +148,31 @@ def test_attention_goal_is_judged_against_the_best_sdpa_backend(monkeypatch, cud
     assert triton[12] == f"1.2x best SDPA: {verdict}"
 
 
+def test_case_groups_pick_each_case_once(monkeypatch):
+    """--cases on CUDA: goals is the sweep's two TFLOP/s goal cases, judged as sweep rows; every
+    group together is the default set, each case once; LayerNorm's groups split its shapes."""
+    monkeypatch.setattr(bench_attention, "CUDA", True)
+    goals = bench_attention.cases(False, ["goals"])
+    assert [(label, s["D"], s["T"]) for label, s, _ in goals] == [("sweep", 64, 8192),
+                                                                 ("sweep", 128, 16384)]
+    every = bench_attention.cases(False, bench_attention.CASE_GROUPS)
+    assert len(every) == 16 and sorted(map(str, every)) == sorted(map(str, bench_attention.cases(
+        False)))
+    assert bench_attention.cases(False, ["model"])[1] == ("model, dropout", bench_attention.MODEL,
+                                                          bench_attention.TRAINING_DROPOUT)
+    bf16 = torch.bfloat16
+    found = [(case, shape, dtype) for case, shapes, dtype in bench_layernorm.cases(
+        bench_layernorm.CASE_GROUPS, bf16) for shape in shapes]
+    model = bench_layernorm.MODEL_SHAPE
+    assert sorted(map(str, found)) == sorted(map(str, (
+        [("add+layernorm", s, bf16) for s in [model, *bench_layernorm.ADD_SWEEP]]
+        + [("layernorm", model, torch.float32)]
+        + [("layernorm", s, bf16) for s in [model, *bench_layernorm.SWEEP]])))
+    assert [shapes for _, shapes, _ in bench_layernorm.cases(["bandwidth"], bf16)] == [
+        [bench_layernorm.BANDWIDTH_SHAPE]] * 2
+    assert len(bench_layernorm.cases(["model"], torch.float32)) == 2  # fp32 LayerNorm once
+
+
 def test_an_interrupted_benchmark_writes_what_it_measured(monkeypatch, tmp_path):
     """Ctrl-C (or gpu_suite.sh's deadline) during the second row: the first is written, marked
     partial in the table and the gathered report, and the script exits 130."""
@@ -173,6 +198,19 @@ def test_an_interrupted_benchmark_writes_what_it_measured(monkeypatch, tmp_path)
     assert INTERRUPTED in result.with_suffix(".md").read_text()
     report = gather([result], tmp_path, "", []).read_text()
     assert f"- **interrupted, partial**: {result.stem}" in report
+
+
+def test_a_report_is_named_for_the_device_its_results_came_from(tmp_path):
+    """Results from the GPU machine gathered on a CPU one: report-cuda-DATE.md, not -cpu-."""
+    from benchmarks.report import environment, gather, write_report
+
+    env = environment() | {"date": "2026-12-02 10:00 UTC", "device": "NVIDIA H200"}
+    written = write_report(str(tmp_path), "tune-attention", "t", ["case"], [["one"]], env)
+    cuda = written.with_name("tune-attention-cuda-2026-12-02.json")
+    written.with_suffix(".json").rename(cuda)
+    report = gather([cuda], tmp_path, "", [])
+    assert report.name == "report-cuda-2026-12-02.md"
+    assert "# tinygpt benchmark report: NVIDIA H200" in report.read_text()
 
 
 def test_ctrl_c_ends_tinygpt_bench_after_the_script_it_reached(monkeypatch, tmp_path):
@@ -201,26 +239,44 @@ def test_ctrl_c_ends_tinygpt_bench_after_the_script_it_reached(monkeypatch, tmp_
     assert "**interrupted, partial**: layernorm-" in report.read_text()
 
 
-def test_gpu_suite_keeps_its_deadline(tmp_path, run_command):
-    """A stage still running at DEADLINE - MARGIN gets SIGINT, later stages do not start, and the
-    archive and summary are written all the same (a stand-in python: no GPU needed)."""
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+
+
+def stand_in_python(tmp_path, pytest_seconds: float = 0.0) -> Path:
+    """A python for gpu_suite.sh that needs no GPU: it appends each command line it is given to
+    calls.jsonl, answers `-c` at once, and runs pytest for `pytest_seconds` (SIGINT ends it,
+    printing 'pytest interrupted') and every module else at once."""
     python = tmp_path / "python"
     python.write_text(f"#!{sys.executable}\n"
-                      "import sys, time\n"
+                      "import json, sys, time\n"
+                      f"with open({str(tmp_path / 'calls.jsonl')!r}, 'a') as log:\n"
+                      "    log.write(json.dumps(sys.argv[1:]) + '\\n')\n"
                       "if 'pytest' in sys.argv:\n"
                       "    try:\n"
-                      "        time.sleep(60)\n"
+                      f"        time.sleep({pytest_seconds})\n"
                       "    except KeyboardInterrupt:\n"
                       "        print('pytest interrupted'); sys.exit(130)\n")
     python.chmod(0o755)
-    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+    return python
+
+
+def modules_run(tmp_path) -> dict[str, list[str]]:
+    """`-m MODULE` -> its arguments, of every call the stand-in python logged."""
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    return {c[1]: c[2:] for c in calls if c[0] == "-m"}
+
+
+def test_gpu_suite_keeps_its_deadline(tmp_path, run_command):
+    """A stage still running at DEADLINE - MARGIN gets SIGINT, later stages do not start, and the
+    archive and summary are written all the same."""
+    python = stand_in_python(tmp_path, pytest_seconds=60)
     env = dict(os.environ, PYTHON=str(python), OUT=str(tmp_path / "out"), DEADLINE="4",
                MARGIN="1")
-    proc = run_command(["bash", str(suite), "tests", "train"], env=env, timeout=60)
+    proc = run_command(["bash", str(SUITE), "tests", "train"], env=env, timeout=60)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "=== tests: stopped at DEADLINE=4 (SIGINT: what it measured is kept)" in summary
-    assert "STOPPED AT DEADLINE: tests" in summary
+    assert "STOPPED (deadline or cap): tests" in summary
     assert "=== bench_train: not run" in summary
     assert "NOT RUN (no time left): bench_train" in summary
     archive = tmp_path / "out" / "gpu_suite-tests-train.tgz"
@@ -228,5 +284,54 @@ def test_gpu_suite_keeps_its_deadline(tmp_path, run_command):
                              text=True, check=True).stdout
     assert "pytest interrupted" in listing
     env["DEADLINE"] = "9m"
-    proc = run_command(["bash", str(suite), "tests"], env=env, timeout=60)
+    proc = run_command(["bash", str(SUITE), "tests"], env=env, timeout=60)
     assert proc.returncode == 2 and "DEADLINE must be whole seconds, got '9m'" in proc.stderr
+
+
+def test_gpu_suite_caps_a_stage_and_goes_on(tmp_path, run_command):
+    """tests:2 stops the tests after 2 s (the deadline is far off), and the stages after it still
+    run; the archive is named by the stages without their caps."""
+    python = stand_in_python(tmp_path, pytest_seconds=60)
+    env = dict(os.environ, PYTHON=str(python), OUT=str(tmp_path / "out"), DEADLINE="300")
+    proc = run_command(["bash", str(SUITE), "train", "tests:2"], env=env, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "=== tests: stopped at its cap of 2 s (SIGINT: what it measured is kept)" in summary
+    assert "=== bench_train: exit 0" in summary
+    assert "STOPPED (deadline or cap): tests" in summary and "NOT RUN" not in summary
+    assert (tmp_path / "out" / "gpu_suite-train-tests.tgz").is_file()
+
+
+def test_gpu_suite_first_light_plan(tmp_path, run_command):
+    """first-light runs the tests, kernels' tests first and every test file once, then the
+    kernel benchmarks on their goal cases, the training-step benchmark and the quality run, and
+    nothing else."""
+    python = stand_in_python(tmp_path)
+    env = dict(os.environ, PYTHON=str(python), OUT=str(tmp_path / "out"))
+    env.pop("ATTENTION_CASES", None)
+    env.pop("LAYERNORM_CASES", None)
+    proc = run_command(["bash", str(SUITE), "first-light"], env=env, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = modules_run(tmp_path)
+    assert list(run) == ["pytest", "benchmarks.bench_layernorm", "benchmarks.bench_attention",
+                         "benchmarks.bench_train", "benchmarks.bench_quality"]
+    files = [a for a in run["pytest"] if a.startswith("tests/")]
+    assert files[:2] == ["tests/test_attention.py", "tests/test_layernorm.py"]
+    every = sorted(str(f.relative_to(SUITE.parents[1])) for f in SUITE.parents[1].glob(
+        "tests/test_*.py"))
+    assert sorted(files) == every
+    assert run["benchmarks.bench_layernorm"][:3] == ["--cases", "model", "bandwidth"]
+    assert run["benchmarks.bench_attention"][:3] == ["--cases", "model", "goals"]
+    assert (tmp_path / "out" / "gpu_suite-first-light.tgz").is_file()
+
+
+@pytest.mark.parametrize("stage, error", [
+    ("test", "unknown stage 'test'"),
+    ("kernels:60", "'kernels:60': a cap is one stage's whole seconds"),
+    ("tests:2m", "'tests:2m': a cap is one stage's whole seconds"),
+])
+def test_gpu_suite_refuses_a_stage_it_does_not_know(tmp_path, run_command, stage, error):
+    env = dict(os.environ, PYTHON=str(stand_in_python(tmp_path)), OUT=str(tmp_path / "out"))
+    proc = run_command(["bash", str(SUITE), "tests", stage], env=env, timeout=60)
+    assert proc.returncode == 2 and error in proc.stderr, proc.stderr
+    assert not (tmp_path / "calls.jsonl").exists()  # nothing ran
