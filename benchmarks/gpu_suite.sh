@@ -52,7 +52,7 @@ for arg in "${args[@]}"; do
                 "first-light" >&2; exit 2; }
         if [[ "$item" == *:* ]]; then
             seconds=${item#*:}
-            [[ " ${STAGES[*]} " == *" $name "* && "$seconds" =~ ^[0-9]+$ ]] ||
+            [[ " ${STAGES[*]} " == *" $name "* && "$seconds" =~ ^[1-9][0-9]*$ ]] ||
                 { echo "gpu_suite.sh: '$item': a cap is one stage's whole seconds," \
                     "as in tests:240" >&2; exit 2; }
             cap[$name]=$seconds
@@ -136,11 +136,10 @@ data_args=()
 
 if wants tests; then
     # The kernels' tests first: under xdist the files run in the order given.
-    first=(attention layernorm ops backends model generate train training_rules distributed)
-    test_files=("${first[@]/#/tests/test_}")
-    test_files=("${test_files[@]/%/.py}")
-    for file in tests/test_*.py; do
-        [[ " ${test_files[*]} " == *" $file "* ]] || test_files+=("$file")
+    test_files=()
+    for file in tests/test_{attention,layernorm,ops,backends,model,generate,train}.py \
+            tests/test_{training_rules,distributed}.py tests/test_*.py; do
+        [[ -f "$file" && " ${test_files[*]} " != *" $file "* ]] && test_files+=("$file")
     done
     test_args=(-q -p no:cacheprovider --durations=30 --junitxml="$WORK/tests-junit.xml")
     $PY -c "import xdist" 2>/dev/null && test_args+=(-n "${TEST_WORKERS:-8}")

@@ -329,6 +329,7 @@ def test_gpu_suite_first_light_plan(tmp_path, run_command):
     ("test", "unknown stage 'test'"),
     ("kernels:60", "'kernels:60': a cap is one stage's whole seconds"),
     ("tests:2m", "'tests:2m': a cap is one stage's whole seconds"),
+    ("tests:0", "'tests:0': a cap is one stage's whole seconds"),  # timeout 0 would not stop it
 ])
 def test_gpu_suite_refuses_a_stage_it_does_not_know(tmp_path, run_command, stage, error):
     env = dict(os.environ, PYTHON=str(stand_in_python(tmp_path)), OUT=str(tmp_path / "out"))
