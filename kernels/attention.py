@@ -448,13 +448,14 @@ def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict
     BLOCK_M % BLOCK_N == 0 and dK/dV BLOCK_N % BLOCK_M == 0. benchmarks/compile_check.py
     compiles every setting for sm_80, 86, 89, 90 and 120 with Triton 3.6 to 3.9 (torch 2.11's to
     2.15's): no 16-bit one spills registers (with 3.8 none at all; 3.7 spills 8 bytes in sm_120's
-    dQ at D=32), and all fit the shared memory of their target. Hopper's warpgroup MMAs keep large tiles in registers (its forward at D=128
-    and 256 pipelines four stages: at three, Triton 3.9 spills it with dropout); mma.sync on
-    Ampere and Ada holds less (with dropout, Triton 3.6 spills their 32 x 128 dK/dV tile at three
-    stages, not at two), and consumer Blackwell (sm_120) less still. At 256 the tiles are small
-    everywhere and a third pipeline stage fits only on A100 and Hopper. fp32 inputs use FMA
-    matmuls, which hold whole operand rows per thread: small tiles. A device with less shared
-    memory than any of those targets pipelines at most two stages. Each setting:
+    dQ at D=32), and all fit the shared memory of their target. Hopper's warpgroup MMAs keep
+    large tiles in registers (its forward at D=128 and 256 pipelines four stages: at three,
+    Triton 3.9 spills it with dropout); mma.sync on Ampere and Ada holds less (with dropout,
+    Triton 3.6 spills their 32 x 128 dK/dV tile at three stages, not at two), and consumer
+    Blackwell (sm_120) less still. At 256 the tiles are small everywhere and a third pipeline
+    stage fits only on A100 and Hopper. fp32 inputs use FMA matmuls, which hold whole operand
+    rows per thread: small tiles. A device with less shared memory than any of those targets
+    pipelines at most two stages. Each setting:
     (BLOCK_M, BLOCK_N, num_warps, num_stages).
     """
     if gpu.capability < MIN_CAPABILITY:
@@ -475,8 +476,8 @@ def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict
         settings = (128, 64, 8, 3), (32, 128, 8, 2), (128, 32, 8, 3)
     elif D == 256 and gpu.capability >= 120:  # dQ at 32 x 16 with 8 warps spills with Triton 3.6
         settings = (64, 32, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)
-    elif D == 256 and gpu.capability >= 90:  # dQ at 32 x 16 spills; at three stages Triton 3.9
-        settings = (64, 32, 8, 4), (16, 32, 8, 3), (64, 16, 8, 2)  # spills it and the forward
+    elif D == 256 and gpu.capability >= 90:  # 3.9 spills fwd and dQ at 3 stages, dQ at 32 x 16
+        settings = (64, 32, 8, 4), (16, 32, 8, 3), (64, 16, 8, 2)
     elif D == 256:  # a third stage only where more than 160 KiB of shared memory fit
         stages = 3 if gpu.shared >= 160 * 1024 else 2
         settings = (64, 32, 8, stages), (16, 32, 8, stages), (32, 16, 8, stages)
