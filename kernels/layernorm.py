@@ -245,8 +245,9 @@ def _launch_config(N: int) -> tuple[int, int, int]:
     A program holds a tile of up to 4096 elements: rows up to ROW_IN_REGISTERS whole, small rows
     batched, wider rows in column tiles of TILE_N, one row per program. Warps grow with the tile
     so that each thread holds at most 16 values of each array (the backward keeps h, dy, dh and
-    the dw, db sums), which keeps every kernel free of register spills
-    (benchmarks/compile_check.py).
+    the dw, db sums), which keeps every kernel's loops free of register spills
+    (benchmarks/compile_check.py; Triton 3.7 and 3.9 park one value of the add+LayerNorm
+    backward at N=1024 on the stack on sm_80 to 89, outside its loop).
     """
     if N > ROW_IN_REGISTERS:
         return 1, TILE_N, TILE_N // 512

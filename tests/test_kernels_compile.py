@@ -16,6 +16,8 @@ import torch
 import triton
 from tinygpt.kernels.gpu import MIN_CAPABILITY, SHARED_MEMORY, Target
 
+from benchmarks import compile_check
+
 attention = importlib.import_module("tinygpt.kernels.attention")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,10 +51,10 @@ def test_model_kernels_compile_for_every_target_without_spills(tmp_path, run_com
     # both); 6 LayerNorm (add+LayerNorm fwd and bwd at N=384 and in column tiles, the tiles' row
     # sums, dw/db sum)
     assert len(rows) == 20 * len(ARCHS)
-    for (target, kernel, _launch, registers, spilled, shared, fits, instructions, ratio,
-         before, before_ratio) in rows:
+    for (target, kernel, _launch, registers, spilled, spill_ops, _in_loops, shared, fits,
+         instructions, ratio, before, before_ratio) in rows:
         name = f"{target} {kernel}"
-        assert int(spilled) == 0 and fits == "yes", name
+        assert int(spilled) == 0 and int(spill_ops) == 0 and fits == "yes", name
         assert 0 < int(registers) <= 255 and int(instructions) > 0, name
         used, limit = map(int, shared.split(" / "))
         assert used <= limit == SHARED_MEMORY[int(target[3:])], name
@@ -62,6 +64,27 @@ def test_model_kernels_compile_for_every_target_without_spills(tmp_path, run_com
             assert float(ratio.rstrip("x")) <= MAX_DROPOUT_COST, name
         if before and "dropout" in kernel:  # a Philox call per weight cost 1.9-3x
             assert float(ratio.rstrip("x")) < float(before_ratio.rstrip("x")) - 0.3, name
+
+
+def test_spill_traffic_counts_loads_and_stores_inside_loops():
+    """A value parked before the loop and read back after it costs once a program; a reload
+    between a backward branch and its target, once an iteration."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                /* 0x00000a0000017a02 */
+        /*0010*/                   STL [R1], R6 ;                        /* 0x0000000601007387 */
+        /*0020*/               @P1 BRA.U !UP0, 0x70 ;                    /* 0x0000004000009947 */
+        /*0030*/                   NOP ;                                 /* 0x0000000000007918 */
+        /*0040*/                   LDL R2, [R1+0x4] ;                    /* 0x0000040001027983 */
+        /*0050*/               @P0 BRA 0x30 ;                            /* 0xffffffd000000947 */
+        /*0060*/                   LDL.LU R16, [R1] ;                    /* 0x0000000001107983 */
+        /*0070*/                   EXIT ;                                /* 0x000000000000794d */
+        /*0080*/                   BRA 0x80;                             /* 0xfffffff000007947 */
+    """
+    code = compile_check.instructions(sass)
+    assert [address for address, _ in code] == [0x00, 0x10, 0x20, 0x40, 0x50, 0x60, 0x70, 0x80]
+    assert code[1] == (0x10, "STL [R1], R6")
+    assert compile_check.spill_traffic(code) == (3, 1)
+    assert compile_check.spill_traffic([c for c in code if c[0] != 0x50]) == (3, 0)
 
 
 @pytest.mark.parametrize("capability", sorted(c for c in SHARED_MEMORY if c >= MIN_CAPABILITY))
