@@ -33,7 +33,7 @@ from benchmarks.report import (
 from tinygpt.config import from_preset
 from tinygpt.model import build_model
 from tinygpt.ops import precision
-from tinygpt.train import make_optimizer
+from tinygpt.optim import make_optimizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = "shakespeare-char" if DEVICE.type == "cuda" else "cpu-baby"

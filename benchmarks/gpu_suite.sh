@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU check in one call: the test suite on CUDA, the kernel benchmarks, the training-step
-# benchmark, the time-to-quality run, a one-process NCCL torchrun and the pytest-benchmark entries.
+# Every GPU check in one call: `tinygpt doctor`, the test suite on CUDA, the kernel benchmarks, the
+# training-step benchmark, the time-to-quality run, a one-process NCCL torchrun and the
+# pytest-benchmark entries.
 #
 #   OUT=/somewhere DATA=path/to/tinyshakespeare.txt bash benchmarks/gpu_suite.sh [STAGE[:SECONDS]...]
 #
-# STAGE: all (default), tests, kernels (= layernorm + attention), layernorm, attention, train,
-# quality, ddp, tune, generate, pytest-bench; stages run in that order whatever order they are
+# STAGE: all (default), doctor, tests, kernels (= layernorm + attention), layernorm, attention,
+# train, quality, ddp, tune, generate, pytest-bench; stages run in that order whatever order they are
 # named in. :SECONDS caps one stage: when it is up the stage gets SIGINT, as at DEADLINE below.
 # ATTENTION_CASES and LAYERNORM_CASES pass --cases to bench_attention and bench_layernorm
-# (default: every case). first-light is the plan for a first 600 s call: tests:220 layernorm:80
-# attention:150 train:100 quality, the kernel benchmarks on the cases their goals name
+# (default: every case). first-light is the plan for a first 600 s call: doctor:90 tests:130
+# layernorm:80 attention:150 train:100 quality, the kernel benchmarks on the cases their goals name
 # (LAYERNORM_CASES="model bandwidth", ATTENTION_CASES="model goals" unless set), the quality run
 # in what time is left.
 # Tables, their gathered report (report-cuda-DATE.md) and logs are written under $WORK and packed
@@ -34,14 +35,14 @@ for name in DEADLINE MARGIN; do
     [[ -z "$value" || "$value" =~ ^[0-9]+$ ]] ||
         { echo "gpu_suite.sh: $name must be whole seconds, got '$value'" >&2; exit 2; }
 done
-STAGES=(tests layernorm attention train quality ddp tune generate pytest-bench)
+STAGES=(doctor tests layernorm attention train quality ddp tune generate pytest-bench)
 args=("${@:-all}")
 declare -A cap=()  # stage -> its cap in seconds
 stages=()
 for arg in "${args[@]}"; do
     items=("$arg")
     if [ "$arg" = first-light ]; then
-        items=(tests:220 layernorm:80 attention:150 train:100 quality)
+        items=(doctor:90 tests:130 layernorm:80 attention:150 train:100 quality)
         LAYERNORM_CASES=${LAYERNORM_CASES:-model bandwidth}
         ATTENTION_CASES=${ATTENTION_CASES:-model goals}
     fi
@@ -134,6 +135,9 @@ $PY -c "import tinygpt" 2>/dev/null || $PY -m pip install --no-deps --no-build-i
 data_args=()
 [ -n "${DATA:-}" ] && data_args=(--data "$DATA")
 
+# The kernels checked at the model's shape and two odd ones, and a training step timed per
+# backend; its JSON report is packed with the logs.
+wants doctor && run doctor doctor $PY -m tinygpt doctor --json "$WORK/doctor-cuda.json"
 if wants tests; then
     # The kernels' tests first: under xdist the files run in the order given.
     test_files=()

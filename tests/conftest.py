@@ -28,6 +28,34 @@ import torch.multiprocessing as mp
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+from tinygpt.kernels.gpu import interpreted  # noqa: E402 (after TRITON_INTERPRET is set)
+
+
+def _exact_bf16_dots() -> None:
+    """Triton's interpreter multiplies the raw 16-bit patterns of bf16 `tl.dot` operands as if
+    they were integers (triton-lang/triton#11584, declined upstream). This harness, never the
+    product, widens them to the fp32 values they stand for first (exact: a bf16 is the top half
+    of an fp32), so the bf16 kernels run here; tests/test_attention.py says what that covers."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def widened(t):
+        if t.dtype.scalar != tl.bfloat16:
+            return t
+        return interpreter.TensorHandle((t.data.astype(np.uint32) << 16).view(np.float32),
+                                        tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+if interpreted():
+    _exact_bf16_dots()
 # Every Python process the tests start prints each thread's stack when it is sent SIGABRT.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 

@@ -303,9 +303,9 @@ def test_gpu_suite_caps_a_stage_and_goes_on(tmp_path, run_command):
 
 
 def test_gpu_suite_first_light_plan(tmp_path, run_command):
-    """first-light runs the tests, kernels' tests first and every test file once, then the
-    kernel benchmarks on their goal cases, the training-step benchmark and the quality run, and
-    nothing else."""
+    """first-light runs `tinygpt doctor`, then the tests, kernels' tests first and every test
+    file once, then the kernel benchmarks on their goal cases, the training-step benchmark and
+    the quality run, and nothing else."""
     python = stand_in_python(tmp_path)
     env = dict(os.environ, PYTHON=str(python), OUT=str(tmp_path / "out"))
     env.pop("ATTENTION_CASES", None)
@@ -313,8 +313,10 @@ def test_gpu_suite_first_light_plan(tmp_path, run_command):
     proc = run_command(["bash", str(SUITE), "first-light"], env=env, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = modules_run(tmp_path)
-    assert list(run) == ["pytest", "benchmarks.bench_layernorm", "benchmarks.bench_attention",
-                         "benchmarks.bench_train", "benchmarks.bench_quality"]
+    assert list(run) == ["tinygpt", "pytest", "benchmarks.bench_layernorm",
+                         "benchmarks.bench_attention", "benchmarks.bench_train",
+                         "benchmarks.bench_quality"]
+    assert run["tinygpt"][0] == "doctor" and run["tinygpt"][1] == "--json"
     files = [a for a in run["pytest"] if a.startswith("tests/")]
     assert files[:2] == ["tests/test_attention.py", "tests/test_layernorm.py"]
     every = sorted(str(f.relative_to(SUITE.parents[1])) for f in SUITE.parents[1].glob(

@@ -11,7 +11,8 @@ from tinygpt import train as train_mod
 from tinygpt.checkpoint import load_checkpoint
 from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.model import GPT
-from tinygpt.train import lr_at, make_optimizer, train
+from tinygpt.optim import lr_at, make_optimizer
+from tinygpt.train import train
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, dropout=0.0,
             eval_iters=2, lr=3e-3, device="cpu", backend="torch")

@@ -100,6 +100,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             isinstance(data, dict) and isinstance(data.get("path"), str)
             and isinstance(data.get("sha256"), str) and len(data["sha256"]) == 64):
         raise UserError(f"checkpoint {path} has a malformed data record ({data!r:.80})")
+    backend = ckpt.get("backend")  # the backend that trained it; absent from older checkpoints
+    if backend is not None and backend not in ("torch", "triton", "reference"):
+        raise UserError(f"checkpoint {path} names an unknown backend ({backend!r:.40})")
     iteration, weights = ckpt["iteration"], ckpt["model"]
     if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
         raise UserError(f"checkpoint {path} has a malformed iteration ({iteration!r})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -153,6 +154,26 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         help="attention/LayerNorm implementation (default: auto)")
     sample.add_argument("--threads", type=_threads, metavar="N", help=threads_help)
 
+    doctor = sub.add_parser(
+        "doctor", help="check the fused kernels on this machine and time them against torch",
+        description="Report this machine (device, driver, torch, Triton), check every fused "
+                    "kernel's output and gradients against the fp64 reference at the model's "
+                    "training shape and two odd ones, and time a training step on the triton "
+                    "and torch backends. Exits with 1 when a kernel fails its check. Off CUDA "
+                    "the kernels run in Triton's interpreter at small shapes: a smoke test.")
+    doctor.add_argument("--device", default="auto",
+                        help="auto (cuda, then the CPU), cuda, cuda:N or cpu (default: auto)")
+    doctor.add_argument("--preset", metavar="NAME",
+                        help=f"the model and batch to check and time: {', '.join(PRESETS)} "
+                             "(default: shakespeare-char on CUDA, cpu-baby elsewhere)")
+    doctor.add_argument("--batch-size", type=int, metavar="N",
+                        help="sequences per training step (default: the preset's)")
+    doctor.add_argument("--compile", action="store_true",
+                        help="also time both backends under torch.compile (CUDA)")
+    doctor.add_argument("--json", metavar="FILE", help="also write the report to FILE as JSON")
+    _add_config_flags(doctor.add_argument_group(f"model options (defaults: {whose})"),
+                      ModelConfig, defaults)
+
     bench = sub.add_parser(
         "bench", help="run the benchmarks and write a dated report (needs a source checkout)",
         description="Run the kernel, training-step and generation benchmarks and gather their "
@@ -174,6 +195,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"tinygpt: interrupted; {report} holds what was measured", file=sys.stderr)
         return 130
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    names = [f.name for f in fields_of(ModelConfig)] + ["batch_size"]
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    for cls in (ModelConfig, TrainConfig):
+        check_values(cls, overrides)
+    if args.preset is not None:
+        from_preset(args.preset, **overrides)
+
+    import torch
+
+    # Off CUDA the kernels run in Triton's interpreter, which Triton reads when the kernels are
+    # defined: before tinygpt.kernels is first imported.
+    if not (args.device.startswith("cuda") or (args.device == "auto"
+                                               and torch.cuda.is_available())):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .doctor import run_doctor
+    from .ops import interpreter_on
+    from .train import pick_device
+
+    device = pick_device(args.device)
+    if device.type == "mps":
+        raise UserError("the Triton kernels do not run on mps; `tinygpt doctor --device cpu` "
+                        "checks them in Triton's interpreter")
+    preset = args.preset or ("shakespeare-char" if device.type == "cuda" else "cpu-baby")
+    model_cfg, cfg = from_preset(preset, **overrides)
+    return run_doctor(device, model_cfg, cfg.batch_size, args.compile,
+                      device.type == "cpu" and interpreter_on(), args.json)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -216,7 +266,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import ops
+    from . import ops, trust
     from .checkpoint import load_checkpoint, restore
     from .data import Tokenizer
     from .generate import generate
@@ -230,8 +280,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer(ckpt["vocab"])
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     model_cfg = ModelConfig(**ckpt["model_config"])
-    backend = ops.resolve_backend(args.backend, device, attention_shape(model_cfg, 1))
-    model = build_model(model_cfg, backend)
+    resolved = ops.resolve_backend(args.backend, device, attention_shape(model_cfg, 1))
+    choice = trust.settle(resolved, device, model_cfg, 1, ops.precision(device)[0], False,
+                          explicit=ops.requested_backend(args.backend)[0] == "triton",
+                          by_speed=False, say=_note)
+    model = build_model(model_cfg, choice.backend)
     restore(model, ckpt["model"], path)
     model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -248,6 +301,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
                  generator, cache=cfg.cache, on_token=stream)
         print(flush=True)
     return 0
+
+
+def _note(text: str) -> None:
+    print(f"tinygpt: {text}", file=sys.stderr, flush=True)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -277,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_preset_in(argv)).parse_args(argv)
     try:
-        commands = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench}
+        commands = {"train": cmd_train, "sample": cmd_sample, "doctor": cmd_doctor,
+                    "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as e:
         _report(e, args.debug)

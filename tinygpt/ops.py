@@ -5,7 +5,8 @@ Backends:
   torch      PyTorch built-ins (`scaled_dot_product_attention`, `layer_norm`), for cpu and mps;
   triton     the fused kernels in `tinygpt.kernels`, for CUDA (or the CPU under TRITON_INTERPRET=1);
   auto       triton on CUDA when triton imports, the GPU is Ampere (sm_80) or newer and the kernels
-             take the model's attention shape; torch otherwise (saying why, once).
+             take the model's attention shape; torch otherwise (saying why, once). Training then
+             checks the kernels on the GPU and times them against torch (`tinygpt.trust`).
 
 `$TINYGPT_BACKEND` replaces `auto` with a fixed choice. `precision` picks the autocast dtype for
 a device. Nothing else in tinygpt branches on the device or the backend.
@@ -38,11 +39,20 @@ class AttentionShape(NamedTuple):
     head_dim: int
 
 
-def _interpreted() -> bool:
+def interpreter_on() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter; a TRITON_INTERPRET that is neither on
+    nor off is a UserError."""
     try:
         return interpreted()
     except ValueError as e:
         raise UserError(str(e)) from e
+
+
+def requested_backend(requested: str) -> tuple[str, str]:
+    """The backend asked for, with `$TINYGPT_BACKEND` replacing `auto`, and where it came from."""
+    if requested == "auto" and (env := os.environ.get("TINYGPT_BACKEND")):
+        return env, "TINYGPT_BACKEND"
+    return requested, "--backend"
 
 
 def resolve_backend(requested: str, device: torch.device | str,
@@ -50,9 +60,7 @@ def resolve_backend(requested: str, device: torch.device | str,
     """The concrete backend for `requested` on `device` and attention of `shape` (None: the
     model has no attention); raises UserError if it cannot run."""
     device = torch.device(device)
-    source = "--backend"
-    if requested == "auto" and (env := os.environ.get("TINYGPT_BACKEND")):
-        requested, source = env, "TINYGPT_BACKEND"
+    requested, source = requested_backend(requested)
     if requested not in BACKENDS:
         raise UserError(f"{source}: unknown backend {requested!r}; choose one of: "
                         f"{', '.join(BACKENDS)}")
@@ -70,7 +78,7 @@ def resolve_backend(requested: str, device: torch.device | str,
             return "torch"
         return "triton"
     if requested == "triton":
-        if device.type != "cuda" and not (device.type == "cpu" and _interpreted()):
+        if device.type != "cuda" and not (device.type == "cpu" and interpreter_on()):
             raise UserError(
                 f"backend 'triton' needs a CUDA device, not {device.type} "
                 "(on the CPU only under TRITON_INTERPRET=1, which is very slow)"

@@ -1,4 +1,4 @@
-"""The training loop: AdamW with warm-up and cosine decay, periodic evaluation, checkpoints.
+"""The training loop: optimizer steps (`tinygpt.optim`), periodic evaluation, checkpoints.
 
 Checkpoints go to `out_dir`, which a run holds locked: `best.pt` whenever the validation loss
 improves and `last.pt` at every evaluation, at the end and when a signal stops the run. `--resume`
@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, launch, memory, ops
+from . import distributed, launch, memory, ops, trust
 from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import ModelConfig, TrainConfig, from_preset
 from .data import SHAKESPEARE_SHA256, Batches, Tokenizer, default_corpus, read_corpus
 from .errors import Stopped, UserError
 from .model import LanguageModel, attention_shape, build_model
+from .optim import lr_at, make_optimizer
 from .rundir import OutDirLock, existing_checkpoints
 from .signals import StopRequest
 
@@ -55,28 +56,6 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was requested but MPS is not available on this machine")
     return device
-
-
-def lr_at(it: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to `lr`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
-        return cfg.min_lr
-    progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(model: LanguageModel, cfg: TrainConfig, device: torch.device):
-    """AdamW; weight decay on matrices (and embeddings) only, never on gains and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused,
-                             foreach=None if fused else True)
 
 
 @torch.no_grad()
@@ -282,13 +261,10 @@ class _Run:
         self.data, self.stop = data, stop  # the corpus record for checkpoints; the StopRequest
         self.out_dir = Path(cfg.out_dir)
         self.wrote = ckpt is not None  # whether out_dir holds this run's checkpoints
-        backend = ops.resolve_backend(cfg.backend, device,
-                                      attention_shape(model_cfg, cfg.batch_size))
-        if cfg.compile and backend == "triton" and device.type != "cuda":
-            raise UserError("--compile with the triton backend needs CUDA: the Triton interpreter "
-                            "cannot be traced")
         self.amp_dtype, amp_words = ops.precision(device)
         memory.check_fits(device, model_cfg, cfg.batch_size, len(text), self.amp_dtype is not None)
+        self.backend, why = self._choose_backend(ckpt)
+        stop.check()
         # Micro-batch m of every step comes from data stream m; rank r owns a contiguous share of
         # the streams, so the global batch does not depend on the number of processes.
         per_rank = cfg.grad_accum // ctx.world_size
@@ -299,7 +275,7 @@ class _Run:
         stop.check()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         with self._out_of_memory_reported("building the model"):
-            self.model = build_model(model_cfg, backend).to(device)
+            self.model = build_model(model_cfg, self.backend).to(device)
         stop.check()
         # Within a step, checks between layers; not under DDP, whose ranks must finish a step
         # together, nor under torch.compile, which would trace them.
@@ -323,7 +299,8 @@ class _Run:
                            f"resuming {ckpt_path} at iteration {self.start_iter}")
             + f" | {model_cfg.model} {self.model.num_params() / 1e6:.2f}M params | data "
             f"{data['path']} ({len(text):,} chars, vocab {tokenizer.vocab_size}) | device {device} "
-            f"({amp_words}) | backend {backend}{' + compile' if cfg.compile else ''}"
+            f"({amp_words}) | backend {self.backend}{' + compile' if cfg.compile else ''}"
+            + (f" ({why})" if why else "")
             + (f" | {ctx.world_size} processes x {per_rank} micro-batch"
                f"{'es' if per_rank > 1 else ''} of {cfg.batch_size} (global batch "
                f"{cfg.batch_size * cfg.grad_accum})" if ctx.enabled else "")
@@ -335,6 +312,40 @@ class _Run:
         if ctx.enabled:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.eval_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def _say(self, text: str) -> None:
+        if self.ctx.is_main:
+            print(f"tinygpt: {text}", file=sys.stderr, flush=True)
+
+    def _choose_backend(self, ckpt: dict | None) -> tuple[str, str]:
+        """The backend this run takes and why (for the start line). A resumed run under `auto`
+        keeps its checkpoint's, where it can run here, so that it goes on bit for bit; triton is
+        checked on the GPU first, and a new `auto` run takes it only where it times faster than
+        torch (`tinygpt.trust`)."""
+        cfg, device = self.cfg, self.device
+        shape = attention_shape(self.model_cfg, cfg.batch_size)
+        request = ops.requested_backend(cfg.backend)[0]
+        previous = ckpt.get("backend") if ckpt is not None and request == "auto" else None
+        resolved = None
+        if previous is not None:
+            try:
+                resolved = ops.resolve_backend(previous, device, shape)
+            except UserError as e:
+                self._say(f"the checkpoint was trained on the {previous} backend, which cannot "
+                          f"run here ({e}); choosing again")
+        kept = resolved is not None
+        resolved = resolved or ops.resolve_backend(cfg.backend, device, shape)
+        if cfg.compile and resolved == "triton" and device.type != "cuda":
+            raise UserError("--compile with the triton backend needs CUDA: the Triton interpreter "
+                            "cannot be traced")
+        with self._out_of_memory_reported("checking the Triton kernels"):
+            choice = trust.settle(resolved, device, self.model_cfg, cfg.batch_size,
+                                  self.amp_dtype, cfg.compile, explicit=request == "triton",
+                                  by_speed=request == "auto" and not kept, say=self._say,
+                                  between=self.stop.check)
+        choice = trust.agree(choice, resolved, device)
+        why = "; ".join(w for w in ("kept from the checkpoint" if kept else "", choice.why) if w)
+        return choice.backend, why
 
     def close(self) -> None:
         """Let go of the DDP wrapper, which must be gone before `distributed.stop()`."""
@@ -393,6 +404,7 @@ class _Run:
             "model_config": dataclasses.asdict(self.model_cfg),
             "train_config": dataclasses.asdict(self.cfg),
             "model": self.model.state_dict(),
+            "backend": self.backend,
             "optimizer": self.optimizer.state_dict(),
             "iteration": iteration,
             "evaluated": evaluated,
