@@ -1,13 +1,13 @@
 """The fused kernels checked on the machine they run on, and training steps timed per backend.
 
-`check_kernels` runs each fused op the way the model calls it (packed-qkv attention with and
-without dropout, attention over a key/value cache as decoding calls it, add+LayerNorm and
-LayerNorm writing the autocast dtype) on fresh inputs, and judges its output and every gradient
-by the test suite's rule: the largest error against the fp64 reference may be at most `factor`
-times PyTorch's own error in the same dtypes (2 for outputs, 3 for attention's gradients), plus a
-small absolute floor. PyTorch's own error comes from `scaled_dot_product_attention` and
-`layer_norm`, or, where those cannot take the kernel's dropout mask, from the reference math in
-the low-precision dtype.
+`check_kernels` runs each fused op the way the model calls it (packed-qkv attention with and without
+dropout, attention over a key/value cache as decoding calls it, add+LayerNorm and LayerNorm writing
+the autocast dtype) on random inputs (seeded: a report repeats), and judges its output and every
+gradient by the test suite's rule: the largest error against the fp64 reference may be at most
+`factor` times PyTorch's own error in the same dtypes (2 for outputs, 3 for attention's gradients),
+plus a small absolute floor. PyTorch's own error comes from `scaled_dot_product_attention` and
+`layer_norm`, or, where those cannot take the kernel's dropout mask, from the reference math in the
+low-precision dtype.
 
 `time_steps` times full training steps (forward, backward, clipping, AdamW, under autocast) of one
 model on several backends, interleaved round by round so that a clock or thermal drift reaches
