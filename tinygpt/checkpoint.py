@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -20,19 +22,17 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "train_config", "model", "iteration", "vocab")
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    """Write `payload` to `path` so that a crash at any moment leaves either the old or the new
-    file, never a partial one: a temporary file of this process's own, flush, fsync, rename, fsync
-    the directory. A failed write (a full disk, say) raises UserError naming the path and the
-    reason, and leaves the old file as it was."""
-    path = Path(path)
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through `write(file)` so that a crash at any moment leaves either the old or
+    the new file, never a partial one: a temporary file of this process's own, flush, fsync,
+    rename, fsync the directory. Errors propagate, with the temporary file removed."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
                                    suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -43,16 +43,25 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    """Write `payload` to `path` atomically (`write_atomically`). A failed write (a full disk,
+    say) raises UserError naming the path and the reason, and leaves the old file as it was."""
+    path = Path(path)
+    try:
+        write_atomically(path, lambda f: torch.save({"format_version": FORMAT_VERSION,
+                                                     **payload}, f))
     except (OSError, RuntimeError) as e:
         reason = os_reason(e)
         if isinstance(e, RuntimeError) and reason == str(e):
             raise  # torch failed for a reason of its own, not the file system's
         raise UserError(f"could not write checkpoint {path} ({reason}); the previous "
                         "checkpoint there is unchanged") from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -165,9 +165,7 @@ class Doctor:
     def correctness(self) -> bool:
         model_cfg, batch = self.training_shape()
         dtype = self.amp_dtype or torch.float32
-        shapes = [("the training shape", verify.Shape(
-            batch, model_cfg.block_size, model_cfg.n_head, model_cfg.n_embd // model_cfg.n_head,
-            dtype, model_cfg.bias, model_cfg.dropout).capped())]
+        shapes = [("the training shape", verify.Shape.of(model_cfg, batch, dtype).capped())]
         shapes += [("odd shape", verify.Shape(*odd, dtype, model_cfg.bias, model_cfg.dropout))
                    for odd in ODD_SHAPES[self.kind]]
         self.section("correctness (the largest error against the fp64 reference over the output "

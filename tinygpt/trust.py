@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from tinygpt import kernels
 
 from . import distributed, verify
+from .checkpoint import write_atomically
 from .config import ModelConfig
 from .data import cache_dir
 from .errors import UserError, os_reason
@@ -90,20 +89,12 @@ def _load(key: dict, valid: Callable[[dict], bool]) -> dict | None:
 def _store(key: dict, result: dict, say: Callable[[str], None]) -> None:
     """Write the entry atomically (another process of a torchrun job may write the same one)."""
     path = _path(key)
-    tmp = None
+    entry = json.dumps({"key": key, "result": result}, indent=1).encode()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": key, "result": result}, f, indent=1)
-        os.replace(tmp, path)
-        tmp = None
+        write_atomically(path, lambda f: f.write(entry))
     except OSError as e:
         say(f"could not cache the result in {path.parent} ({os_reason(e)}); the next run "
             "measures again")
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def _valid_verdict(result: dict) -> bool:
@@ -174,9 +165,7 @@ def settle(resolved: str, device: torch.device, model_cfg: ModelConfig, batch_si
             or model_cfg.model == "bigram"):  # the bigram model runs no kernel
         return Choice(resolved)
     name = device_words(device)
-    shape = verify.Shape(batch_size, model_cfg.block_size, model_cfg.n_head,
-                         model_cfg.n_embd // model_cfg.n_head, amp_dtype or torch.float32,
-                         model_cfg.bias, model_cfg.dropout).capped()
+    shape = verify.Shape.of(model_cfg, batch_size, amp_dtype or torch.float32).capped()
     worst = verified(shape, device, amp_dtype, say, between)
     if not worst.passed:
         reason = f"{worst.op}: {worst.reason()}"

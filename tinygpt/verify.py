@@ -59,6 +59,12 @@ class Shape:
     bias: bool = False
     dropout: float = 0.0
 
+    @classmethod
+    def of(cls, model_cfg: ModelConfig, batch: int, dtype: torch.dtype) -> Shape:
+        """The shape a GPT of `model_cfg` trains at with batches of `batch`, in `dtype`."""
+        return cls(batch, model_cfg.block_size, model_cfg.n_head,
+                   model_cfg.n_embd // model_cfg.n_head, dtype, model_cfg.bias, model_cfg.dropout)
+
     @property
     def width(self) -> int:
         return self.heads * self.head_dim
