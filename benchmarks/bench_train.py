@@ -1,12 +1,18 @@
 """Training-step benchmark: forward + backward + clip + AdamW step on one batch, every backend,
-eager and under `torch.compile`.
+eager and under `torch.compile`; and, with --load, the CPU thread settings idle and busy.
 
     python -m benchmarks.bench_train [--steps N] [--quick] [--out DIR]   # table + report
+    python -m benchmarks.bench_train --load [--quick] [--out DIR]        # CPU threads table
     pytest benchmarks/bench_train.py --benchmark-enable                  # pytest-benchmark
 
 On CUDA: the shakespeare-char preset at batch 64 under bf16 autocast; elsewhere: cpu-baby in fp32
 (the triton rows need CUDA). Steps run back to back as in training (no synchronisation between
 them; CUDA events around each group of steps), after a warm-up that includes compilation.
+--load runs `tinygpt train --preset cpu-baby` and `tinygpt sample` as a user would, in a fresh
+process per thread setting (a wait policy is read once, when OpenMP starts), on an idle machine
+and with one core kept busy by another process (`benchmarks.load`). Goals (issue 45): the default
+within 1.05x of the best fixed setting idle and within 1.15x with a core busy.
+
 Goals (issue 5), judged on CUDA: triton >= 1.5x reference and >= 1.15x torch eager; triton +
 compile >= 1.0x torch + compile. The pytest entries time the eager rows only (compiling a model
 takes longer on the CPU than the rest of the suite's benchmarks together).
@@ -114,8 +120,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="10 timed steps, eager rows only: checks that the rows run, "
                              "not a speed")
+    parser.add_argument("--load", action="store_true",
+                        help="the CPU thread settings, idle and with one core busy (see above)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --load: rounds over every setting (default: 3)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
+    if args.load:
+        from benchmarks.load import thread_settings_table
+
+        thread_settings_table(args.out, args.quick, args.rounds)
+        return
     steps = 10 if args.quick else args.steps
     repeats = min(5, steps)
     peak = peak_tflops()

@@ -23,8 +23,12 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
-import torch.multiprocessing as mp
+
+from tinygpt.threads import reproducible_blas
+
+reproducible_blas()  # as the command line does, before torch first multiplies matrices
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -338,3 +338,32 @@ def test_gpu_suite_refuses_a_stage_it_does_not_know(tmp_path, run_command, stage
     proc = run_command(["bash", str(SUITE), "tests", stage], env=env, timeout=60)
     assert proc.returncode == 2 and error in proc.stderr, proc.stderr
     assert not (tmp_path / "calls.jsonl").exists()  # nothing ran
+
+
+@pytest.mark.corpus
+def test_the_load_table_reads_what_tinygpt_prints(tmp_path, corpus_path):
+    """`bench_train --load` on tinygpt's own output, with a core kept busy: step times from
+    steps `first` on, the final val loss, the sampling rate; the busy process is gone after."""
+    from benchmarks import load
+
+    train = load.train_run(tmp_path / "out", ["--threads", "1"], {}, True, 8, 3,
+                           str(corpus_path))
+    assert 0 < train["median"] < 1000 and 0 < train["mean"] < 1000
+    assert float(train["val"]) < 5
+    rate = load.sample_run(tmp_path / "out" / "last.pt", [], {"OMP_WAIT_POLICY": "PASSIVE"},
+                           True, 20)
+    assert rate > 0
+    with load.BusyCore() as busy:
+        assert busy.proc.poll() is None
+    assert busy.proc.poll() is not None
+    verdicts = load._verdicts({
+        load.DEFAULT: {"idle": {"mean": 25.0, "chars/s": 1000.0, "val": "2.4"},
+                       "busy": {"mean": 50.0, "chars/s": 900.0, "val": "2.4"}},
+        "--threads 1": {"idle": {"mean": 40.0, "chars/s": 990.0, "val": "2.4"},
+                        "busy": {"mean": 40.0, "chars/s": 1000.0, "val": "2.4"}},
+    }, 200, 20, 3)
+    assert "idle: training 0.62x the time of the best fixed setting (--threads 1), sampling " \
+           "0.99x (--threads 1); goal at most 1.05x: met" in verdicts
+    assert "busy: training 1.25x the time of the best fixed setting (--threads 1), sampling " \
+           "1.11x (--threads 1); goal at most 1.15x: MISSED" in verdicts
+    assert "val loss: the same in every run" in verdicts

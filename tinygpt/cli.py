@@ -23,6 +23,7 @@ from .config import (
 )
 from .errors import Stopped, UserError
 from .launch import Context, from_environment
+from .threads import ThreadTuner, count_kept, fixed_by, plural, reproducible_blas
 
 RANK_GRACE_S = 5.0  # how long a torchrun rank other than 0 waits before reporting its error
 
@@ -109,8 +110,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
         prog="tinygpt", description="Train and sample a character-level GPT.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"tinygpt {__version__}")
-    threads_help = ("CPU threads for torch (default: torch's choice, shown in the start line; "
-                    "fewer can be much faster on a machine busy with other work)")
+    threads_help = ("CPU threads for torch (default: the fastest count, found by timing the "
+                    "work as it runs, unless OMP_*/MKL_* variables set them)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser(
@@ -246,14 +247,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .train import pick_device, train
 
-    _set_threads(args.threads)
+    tune_threads = _set_threads(args.threads)
     preset = args.preset
     if preset is None and not args.resume:
         cuda = pick_device(overrides.get("device", "auto")).type == "cuda"
         preset = "shakespeare-char" if cuda else "cpu-baby"
     summary = train(preset or "shakespeare-char", overrides, data=args.data, resume=args.resume,
                     log_interval=args.log_interval, overwrite=args.overwrite,
-                    new_data=args.new_data)
+                    new_data=args.new_data, tune_threads=tune_threads)
     signum = summary["interrupted_by"]
     return 128 + signum if signum else 0
 
@@ -273,7 +274,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .model import attention_shape, build_model
     from .train import pick_device
 
-    _set_threads(args.threads)
+    tune_threads = _set_threads(args.threads)
     path = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "best.pt"
     ckpt = load_checkpoint(path)
     device = pick_device(args.device)
@@ -288,18 +289,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
     restore(model, ckpt["model"], path)
     model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    # Each token is a unit of work for the thread count: the tuner times the gaps between them.
+    tuner = (ThreadTuner("sampling", "token", torch.get_num_threads(), say=_note)
+             if tune_threads and device.type == "cpu" else None)
 
     def stream(token: torch.Tensor) -> None:
         sys.stdout.write(tokenizer.decode(token[0].tolist()))
         sys.stdout.flush()
+        if tuner is not None:
+            tuner.tick()
 
-    for i in range(cfg.num_samples):
-        if i:
-            print("-" * 40)
-        sys.stdout.write(args.prompt)
-        generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                 generator, cache=cfg.cache, on_token=stream)
-        print(flush=True)
+    started = time.perf_counter()
+    with count_kept():
+        for i in range(cfg.num_samples):
+            if i:
+                print("-" * 40)
+            sys.stdout.write(args.prompt)
+            generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                     generator, cache=cfg.cache, on_token=stream)
+            if tuner is not None:
+                tuner.end()
+            print(flush=True)
+    seconds = time.perf_counter() - started
+    chars = cfg.num_samples * cfg.max_new_tokens
+    threads = tuner.current if tuner else torch.get_num_threads()
+    _note(f"sampled {chars:,} characters in {seconds:.1f} s ({chars / seconds:,.0f} chars/s"
+          + (f", {plural(threads)})" if device.type == "cpu" else ")"))
     return 0
 
 
@@ -307,11 +322,15 @@ def _note(text: str) -> None:
     print(f"tinygpt: {text}", file=sys.stderr, flush=True)
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+def _set_threads(threads: int | None) -> bool:
+    """Give torch `threads` CPU threads; without them, whether the count is left to timing:
+    not when an environment variable fixes it."""
+    if threads is None:
+        return fixed_by() is None
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    return False
 
 
 def _report(error: UserError, debug: bool) -> None:
@@ -331,6 +350,7 @@ def _report(error: UserError, debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    reproducible_blas()  # before torch first multiplies matrices
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_preset_in(argv)).parse_args(argv)
     try:

@@ -145,6 +145,13 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
             return kernels.layer_norm(x, weight, bias, eps, out_dtype=out_dtype), x
         return kernels.add_layer_norm(x, residual, weight, bias, eps, out_dtype=out_dtype)
     h = x if residual is None else x + residual
+    if backend == "torch" and h.device.type == "cpu":
+        # torch's CPU kernel sums the gain and bias gradients in a partial sum per thread, which
+        # the thread count would change; the gradient of a broadcast gain sums each column on
+        # one thread, in row order.
+        y = F.layer_norm(h, h.shape[-1:], None, None, eps)
+        y = y * weight if weight is not None else y
+        return (y + bias if bias is not None else y), h
     if backend == "torch":
         return F.layer_norm(h, h.shape[-1:], weight, bias, eps), h
     if backend == "reference":

@@ -28,6 +28,7 @@ from .model import LanguageModel, attention_shape, build_model
 from .optim import lr_at, make_optimizer
 from .rundir import OutDirLock, existing_checkpoints
 from .signals import StopRequest
+from .threads import ThreadTuner, count_kept, plural
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
@@ -60,9 +61,11 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
 
 @torch.no_grad()
 def estimate_loss(model, batches: Batches, eval_iters: int, autocast,
-                  before_batch=lambda done, total: None) -> dict[str, float]:
+                  before_batch=lambda done, total: None,
+                  timed=contextlib.nullcontext) -> dict[str, float]:
     """Mean loss over `eval_iters` batches of each split, with dropout off. `before_batch(done,
-    total)` is called before each of the 2 x eval_iters batches (progress, a stop request)."""
+    total)` is called before each of the 2 x eval_iters batches (progress, a stop request), and
+    each batch runs within `timed()` (a `ThreadTuner`'s)."""
     was_training = model.training
     model.eval()
     out = {}
@@ -72,7 +75,7 @@ def estimate_loss(model, batches: Batches, eval_iters: int, autocast,
             for i in range(eval_iters):
                 before_batch(s * eval_iters + i, 2 * eval_iters)
                 x, y = batches.get(split)  # the evaluation stream
-                with autocast():
+                with timed(), autocast():
                     losses[i] = model(x, y)[1]
             out[split] = losses.mean().item()
     finally:
@@ -189,13 +192,16 @@ def _resume_configs(ckpt: dict, overrides: dict) -> tuple[ModelConfig, TrainConf
 
 def train(preset: str = "shakespeare-char", overrides: dict | None = None, data: str | None = None,
           resume: bool = False, log_interval: int = 10, overwrite: bool = False,
-          new_data: bool = False) -> dict:
+          new_data: bool = False, tune_threads: bool = False) -> dict:
     """Train a model; returns a summary: losses, timings, checkpoint paths and the model.
 
     The run holds `out_dir` locked. A new run refuses an out_dir that holds another run's
     checkpoints unless `overwrite`; a resumed one trains on the data file its checkpoint names
     unless given `data` (a different text needs `new_data`). SIGINT, SIGTERM and SIGHUP stop it
     with `last.pt` saved (Stopped is raised if one comes before the first step).
+
+    With `tune_threads`, a run on the CPU (not compiled) chooses its thread counts for training
+    steps and for evaluation by timing them (`tinygpt.threads`); otherwise torch's count stands.
 
     Under torchrun every process runs this: data parallel, rank 0 evaluates and checkpoints.
     Without a `grad_accum` override a new run gives every process the preset's micro-batches
@@ -208,7 +214,7 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
         model_cfg, cfg = from_preset(preset, **overrides)  # bad options fail before any I/O
     # Rank 0 writes the checkpoints, so it holds the directory.
     with OutDirLock(out_dir) if ctx.is_main else contextlib.nullcontext(), \
-            StopRequest(speak=ctx.is_main) as stop:
+            StopRequest(speak=ctx.is_main) as stop, count_kept():
         ckpt = ckpt_path = None
         replacing = []
         if resume:
@@ -239,7 +245,7 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
         run = None
         try:
             run = _Run(ctx, device, model_cfg, cfg, text, data, tokenizer, ckpt, ckpt_path,
-                       log_interval, stop, preset if ckpt is None else None)
+                       log_interval, stop, preset if ckpt is None else None, tune_threads)
             return run.loop(replacing if overwrite else [])
         except BaseException as error:
             if ctx.enabled:
@@ -255,7 +261,7 @@ class _Run:
     """One training run's state: model, optimizer, data streams, and the loop over steps."""
 
     def __init__(self, ctx, device, model_cfg, cfg, text, data, tokenizer, ckpt, ckpt_path,
-                 log_interval, stop, preset):
+                 log_interval, stop, preset, tune_threads):
         self.ctx, self.device, self.model_cfg, self.cfg = ctx, device, model_cfg, cfg
         self.tokenizer, self.log_interval = tokenizer, log_interval
         self.data, self.stop = data, stop  # the corpus record for checkpoints; the StopRequest
@@ -292,8 +298,15 @@ class _Run:
         self.eval_model = torch.compile(self.model) if cfg.compile else self.model
         self.tokens_per_iter = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
         self.progress = Progress(cfg.max_iters, self.tokens_per_iter, enabled=ctx.is_main)
+        # Training steps and evaluation batches each get their thread count; a compiled model's
+        # kernels keep the count they were compiled with.
+        self.step_threads = self.eval_threads = None
+        if tune_threads and device.type == "cpu" and not cfg.compile:
+            self.step_threads, self.eval_threads = (
+                ThreadTuner(what, unit, torch.get_num_threads(), say=self.progress.message)
+                for what, unit in (("training", "step"), ("evaluation", "batch")))
         if device.type == "cpu":
-            amp_words += ", " + _threads_words()
+            amp_words += ", " + _threads_words(self.step_threads)
         self.progress.message(
             "tinygpt: " + (f"preset {preset}" if ckpt is None else
                            f"resuming {ckpt_path} at iteration {self.start_iter}")
@@ -428,9 +441,10 @@ class _Run:
                 self.progress.evaluating(it, done, total)
 
             started = time.perf_counter()
+            timed = self.eval_threads.timed if self.eval_threads else contextlib.nullcontext
             try:
                 losses = estimate_loss(self.eval_model, self.batches, self.cfg.eval_iters,
-                                       self.autocast, before_batch)
+                                       self.autocast, before_batch, timed)
             except Stopped:
                 self.batches.load_state(before)
             self.progress.exclude(time.perf_counter() - started)
@@ -493,6 +507,10 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         return total / len(self.streams)
 
+    def _timed(self):
+        """A training step's timing for the thread count, when the run chooses it."""
+        return self.step_threads.timed() if self.step_threads else contextlib.nullcontext()
+
     def _evaluation_due(self, it: int) -> bool:
         due = it % self.cfg.eval_interval == 0 or it == self.cfg.max_iters
         return due and not (self.skip_first_eval and it == self.start_iter)
@@ -521,7 +539,7 @@ class _Run:
                     stopped_by = self._agreed_stop()
                 if stopped_by or it >= cfg.max_iters:
                     break
-                with self._out_of_memory_reported(f"training step {it + 1}"):
+                with self._out_of_memory_reported(f"training step {it + 1}"), self._timed():
                     loss = self.step(it)
                 if loss is None:
                     stopped_by = self.stop.signum
@@ -553,6 +571,7 @@ class _Run:
             "tokens_per_second": steps * self.tokens_per_iter / elapsed if elapsed > 0 else 0.0,
             "best_val_loss": self.best_val, "history": history, "out_dir": str(self.out_dir),
             "interrupted_by": stopped_by or None, "model": self.model,
+            "threads": dict(self.step_threads.used) if self.step_threads else None,
         }
         final = history[-1] if history else None
         self.progress.message(
@@ -583,16 +602,13 @@ def _checks_between_layers(model: LanguageModel, check) -> list:
     return handles
 
 
-def _threads_words() -> str:
-    """The CPU threads torch uses, and a hint when other work competes for the cores."""
-    threads = torch.get_num_threads()
-    words = f"{threads} thread{'s' if threads > 1 else ''}, --threads N to change"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if threads > 1 and load > cores - threads + 1:
-        words += (f"; load average {load:.1f} on {cores} cores: other work competes for them, "
-                  "and --threads 1 may be much faster")
-    return words
+def _threads_words(tuner: ThreadTuner | None) -> str:
+    """The CPU threads torch uses, or those the run chooses among by timing."""
+    *more, fewest = map(str, tuner.counts if tuner else [1])
+    if more:
+        return (f"{', '.join(more)} or {fewest} threads, whichever times faster (--threads N "
+                "fixes the count)")
+    return plural(torch.get_num_threads())
 
 
 def _diverged_message(it: int, out_dir: Path, lr: float) -> str:
