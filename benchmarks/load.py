@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from benchmarks.report import Interruptible, environment, write_report
 from tinygpt.threads import THREAD_VARIABLES, candidates, usable_cores
 
@@ -29,9 +31,10 @@ RUN_TIMEOUT_S = 900
 
 
 def settings(cores: int, quick: bool) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """Row name -> (tinygpt options, environment variables)."""
+    """Row name -> (tinygpt options, environment variables): the default, each count the default
+    times (torch's own among them), and OpenMP's wait policies."""
     rows = {DEFAULT: ([], {})}
-    for n in candidates(cores) if not quick else [1]:
+    for n in candidates(cores, torch.get_num_threads()) if not quick else [1]:
         rows[f"--threads {n}"] = (["--threads", str(n)], {})
     if not quick:
         for name, value in (("GOMP_SPINCOUNT", "10000"), ("GOMP_SPINCOUNT", "1000"),
