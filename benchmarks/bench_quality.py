@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from pathlib import Path
 
-from benchmarks.report import add_out_argument, environment, write_report
+from benchmarks.report import SHARED_CORPUS, add_out_argument, environment, write_report
 from tinygpt.train import train
-
-SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def main() -> None:

@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --load: rounds over every setting (default: 3)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.load:
         from benchmarks.load import thread_settings_table
 

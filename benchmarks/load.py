@@ -9,6 +9,7 @@ with --threads, or the wait policy with OpenMP's variables (with torch's count: 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import statistics
@@ -19,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import Interruptible, environment, write_report
+from benchmarks.report import SHARED_CORPUS, Interruptible, environment, write_report
 from tinygpt.threads import THREAD_VARIABLES, candidates, usable_cores
 
-SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 DEFAULT = "default (threads timed)"
 STEP_LINE = re.compile(r"\] (\d+)/\d+ loss \S+ \| ([\d.]+) ms/iter")
 VAL_LOSS = re.compile(r"final val loss ([\d.]+)")
@@ -74,11 +74,7 @@ def tinygpt(args: list[str], variables: dict[str, str], busy: bool) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(THREAD_VARIABLES)}
     env.update(variables)
     command = [sys.executable, "-m", "tinygpt", *args]
-    if busy:
-        with BusyCore():
-            proc = subprocess.run(command, env=env, capture_output=True, text=True,
-                                  timeout=RUN_TIMEOUT_S)
-    else:
+    with BusyCore() if busy else contextlib.nullcontext():
         proc = subprocess.run(command, env=env, capture_output=True, text=True,
                               timeout=RUN_TIMEOUT_S)
     if proc.returncode:

@@ -30,6 +30,8 @@ PEAK_BF16_TFLOPS = [
     ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
 ]
 INTERRUPTED = "Interrupted before the end of the run: this table is partial."
+# The corpus beside a checkout (../shared), which the training benchmarks use when it is there.
+SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def add_out_argument(parser) -> None:
