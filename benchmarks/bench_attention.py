@@ -47,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmarks.report import (
     CUDA,
     Interruptible,
+    Rows,
     Timing,
     add_out_argument,
     assert_finite,
@@ -242,7 +243,7 @@ def cases(quick: bool, groups=EVERY_CASE) -> list[tuple[str, dict, float]]:
 
 
 def measure(label: str, shape: dict, dtype_name: str, p: float, mode: str, found: list[Provider],
-            rows: list, series: dict) -> None:
+            rows: Rows, series: dict) -> None:
     """One case: every provider's row, then the ratios and goals that need all of them."""
     dtype = getattr(torch, dtype_name)
     results = {pr.name: run_case(pr, shape, dtype, mode, p) for pr in found}
@@ -256,7 +257,6 @@ def measure(label: str, shape: dict, dtype_name: str, p: float, mode: str, found
         if isinstance(result, str):
             missed = goal(label, shape, mode, None, None) if name == "triton" else ""
             rows.append(row + ["-"] * 6 + [missed, f"skipped: {result}"])
-            print(" | ".join(rows[-1]), flush=True)
             continue
         timing, peak = result
         tflops = flops(**shape, mode=mode) / timing.back_to_back / 1e9
@@ -268,7 +268,6 @@ def measure(label: str, shape: dict, dtype_name: str, p: float, mode: str, found
                 goal(label, shape, mode, tflops, vs_sdpa) if name == "triton" and CUDA else "",
                 ""]
         rows.append(row)
-        print(" | ".join(row), flush=True)
         if label == "sweep":
             series.setdefault(f"{name} D={shape['D']} {mode}", []).append((shape["T"], tflops))
 
@@ -312,7 +311,10 @@ def main(argv: list[str] | None = None) -> None:
               "not a speed; timing the other providers on the CPU.")
     every = providers()
     found = [p for p in every if p.missing is None]
-    rows, series = [], {}
+    rows = Rows(["case", "BxHxTxD", "dtype", "mode", "dropout", "provider", "ms flushed",
+                 "ms back-to-back", "TFLOP/s", "peak MiB", "vs best SDPA", "vs best competitor",
+                 "goal", "note"])
+    series = {}
     with Interruptible() as run:
         for dtype_name in args.dtypes:
             for label, shape, p in cases(args.quick, args.cases):
@@ -322,9 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     path = write_report(
         args.out, "attention", f"Causal attention: Triton vs every SDPA backend, flex_attention "
                                f"and the reference ({DEVICE})",
-        ["case", "BxHxTxD", "dtype", "mode", "dropout", "provider", "ms flushed",
-         "ms back-to-back", "TFLOP/s", "peak MiB", "vs best SDPA", "vs best competitor", "goal",
-         "note"], rows, environment(),
+        rows.headers, rows, environment(),
         notes="Ratios are the best provider's time over the row's (above 1: the row is faster), "
               "back-to-back, with the L2-flushed ratio in brackets; the competitors are every "
               "provider but triton. TFLOP/s from the back-to-back time.",

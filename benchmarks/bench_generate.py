@@ -16,7 +16,14 @@ import time
 import pytest
 import torch
 
-from benchmarks.report import CUDA, Interruptible, add_out_argument, environment, write_report
+from benchmarks.report import (
+    CUDA,
+    Interruptible,
+    Rows,
+    add_out_argument,
+    environment,
+    write_report,
+)
 from tinygpt import ops
 from tinygpt.config import from_preset
 from tinygpt.generate import generate
@@ -68,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.presets = [100], ["cpu-baby"]
-    rows = []
+    rows = Rows(["model", "new chars", "cache", "chars/s", "vs no cache"])
     with Interruptible() as run:
         for preset in args.presets:
             model = make_model(preset)
@@ -77,9 +84,8 @@ def main() -> None:
                 for mode in MODES:
                     rows.append([preset, n, mode, f"{speed[mode]:,.1f}",
                                  f"{speed[mode] / speed['off']:.1f}x"])
-                    print(" | ".join(map(str, rows[-1])), flush=True)
     write_report(args.out, "generate", f"Generation speed ({DEVICE.type}), chars/s",
-                 ["model", "new chars", "cache", "chars/s", "vs no cache"], rows, environment(),
+                 rows.headers, rows, environment(),
                  interrupted=run.interrupted)
     run.exit_if_interrupted()
 

@@ -44,6 +44,7 @@ from tinygpt.kernels import add_layer_norm, layer_norm
 from benchmarks.report import (
     CUDA,
     Interruptible,
+    Rows,
     Timing,
     add_out_argument,
     assert_finite,
@@ -220,7 +221,7 @@ def run_case(provider: Provider, case: str, M: int, N: int, dtype, mode: str) ->
 
 
 def measure(case: str, shapes: list, dtype: torch.dtype, ceiling: float, found: list[Provider],
-            rows: list, series: dict) -> None:
+            rows: Rows, series: dict) -> None:
     dtype_name = str(dtype).removeprefix("torch.") if case == "layernorm" else "bf16 + fp32"
     for M, N in shapes:
         for mode in ("fwd", "fwd+bwd"):
@@ -244,7 +245,6 @@ def measure(case: str, shapes: list, dtype: torch.dtype, ceiling: float, found: 
                              gbs / ceiling) if judged else "", ""])
                     if (M, N) != MODEL_SHAPE:
                         series.setdefault(f"{case} {name} {mode}", []).append((N, gbs))
-                print(" | ".join(rows[-1]), flush=True)
 
 
 CASE_GROUPS = ("model", "bandwidth", "sweep")
@@ -287,7 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     found = [p for p in every if p.missing is None]
     ceiling = copy_bandwidth_gbs()
     print(f"measured copy bandwidth: {ceiling:,.0f} GB/s")
-    rows, series = [], {}
+    rows = Rows(["case", "shape (rows x N)", "dtype", "mode", "provider", "ms flushed",
+                 "ms back-to-back", "GB/s", "of copy BW", "vs torch eager", "vs best competitor",
+                 "goal", "note"])
+    series = {}
     with Interruptible() as run:
         if args.quick:
             measure("add+layernorm", QUICK_SHAPES, dtype, ceiling, found, rows, series)
@@ -301,9 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     path = write_report(
         args.out, "layernorm", f"LayerNorm and add+LayerNorm: Triton vs PyTorch (eager, "
                                f"compiled) and Liger ({DEVICE})",
-        ["case", "shape (rows x N)", "dtype", "mode", "provider", "ms flushed", "ms back-to-back",
-         "GB/s", "of copy BW", "vs torch eager", "vs best competitor", "goal", "note"],
-        rows, environment(),
+        rows.headers, rows, environment(),
         notes=f"Copy bandwidth measured in this run: {ceiling:,.0f} GB/s (read + write). "
               "add+layernorm: x bf16, residual fp32, output bf16; the competitors run "
               "`x + r`, LayerNorm and `.to(bf16)` unfused. Ratios: the other time over the "

@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
                 results[name] = (ms, tokens, flops, mem)
             finally:
                 step = None
-            print(name, results[name], flush=True)
+            result = results[name]
+            print(f"{name}: " + (result if isinstance(result, str) else
+                                 f"{result[0]:.2f} ms/step, {result[1] / result[0] * 1000:,.0f} "
+                                 "tokens/s"), flush=True)
     ms = {n: r[0] for n, r in results.items() if not isinstance(r, str)}
     rows = []
     for name, result in results.items():

@@ -33,7 +33,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from benchmarks.report import add_out_argument, environment, write_report
+from benchmarks.report import Rows, add_out_argument, environment, write_report
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 ARCHS = (80, 86, 89, 90, 120)  # A100; RTX 30xx, A10; L4, RTX 40xx; H100, H200; RTX 50xx
@@ -247,7 +247,11 @@ def main() -> None:
         results = [f.result() for f in futures]
 
     by_label = {(arch, case[0]): usage for (arch, _, case), usage in zip(work, results)}
-    rows, problems, overflow = [], [], False
+    rows = Rows(["target", "kernel, specialization", "launch", "registers", "spilled bytes",
+                 "spill ld/st", "in loops", "shared bytes / limit", "fits", "SASS instructions",
+                 "vs no dropout"] + (["baseline SASS", "baseline vs no dropout"] if baseline
+                                     else []))
+    problems, overflow = [], False
     for (arch, _, case), usage in zip(work, results):
         label, launch, target = case[0], case[-1], f"sm_{arch}"
         limit = gpu.SHARED_MEMORY[arch]
@@ -256,15 +260,15 @@ def main() -> None:
         plain = label.replace(" dropout", "")
         dropout = plain != label
         without = by_label.get((arch, plain)) if dropout else None
-        rows.append([target, label, " ".join(f"{k}={v}" for k, v in launch.items()),
-                     usage["registers"], usage["spill"], usage["spill_ops"],
-                     usage["spill_ops_in_loops"], f"{usage['shared']} / {limit}",
-                     "yes" if fits else "NO", usage["instructions"],
-                     _ratio(usage["instructions"], without and without["instructions"])])
+        row = [target, label, " ".join(f"{k}={v}" for k, v in launch.items()),
+               usage["registers"], usage["spill"], usage["spill_ops"],
+               usage["spill_ops_in_loops"], f"{usage['shared']} / {limit}",
+               "yes" if fits else "NO", usage["instructions"],
+               _ratio(usage["instructions"], without and without["instructions"])]
         if baseline:
             before = baseline.get((target, label))
-            rows[-1] += [before or "", _ratio(before, dropout and baseline.get((target, plain)))]
-        print(" | ".join(map(str, rows[-1])), flush=True)
+            row += [before or "", _ratio(before, dropout and baseline.get((target, plain)))]
+        rows.append(row)
         if usage["spill"]:
             in_loops, ops = usage["spill_ops_in_loops"], usage["spill_ops"]
             problems.append(f"{target} {label} ({usage['spill']} B, {in_loops} of {ops} ld/st "
@@ -274,11 +278,7 @@ def main() -> None:
     archs = "-".join(str(a) for a in args.arch)
     write_report(
         args.out, f"compile-sm{archs}", f"Triton kernels compiled for sm_{archs} (no GPU)",
-        ["target", "kernel, specialization", "launch", "registers", "spilled bytes",
-         "spill ld/st", "in loops", "shared bytes / limit", "fits", "SASS instructions",
-         "vs no dropout"]
-        + (["baseline SASS", "baseline vs no dropout"] if baseline else []),
-        rows, environment(),
+        rows.headers, rows, environment(),
         notes=f"{len(rows)} kernels; with spills or over the shared-memory limit: "
               f"{', '.join(problems) or 'none'}. Spill ld/st: the local-memory loads and stores "
               "(LDL, STL) in the cubin; in loops: those between a backward branch and its "

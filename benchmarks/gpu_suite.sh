@@ -160,7 +160,7 @@ wants attention kernels && run attention bench_attention $PY -m benchmarks.bench
 wants train && run train bench_train $PY -m benchmarks.bench_train --out "$RESULTS"
 wants quality && run quality bench_quality $PY -m benchmarks.bench_quality \
     --preset shakespeare-char --target 1.47 --set eval_iters 50 "${data_args[@]}" --out "$RESULTS"
-wants ddp && run ddp ddp_nccl_1proc $PY -m torch.distributed.run --nproc_per_node=1 -m tinygpt \
+wants ddp && run ddp ddp_nccl_1proc $PY -m tinygpt torchrun --nproc_per_node=1 \
     train --preset shakespeare-char --max-iters 500 --eval-interval 250 --eval-iters 20 \
     --out-dir "$WORK/ddp" "${data_args[@]}"
 wants tune && run tune tune_attention $PY -m benchmarks.tune_attention --out "$RESULTS"

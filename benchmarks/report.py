@@ -101,25 +101,44 @@ def _module_name(path: str) -> str:
     return f"{p.parent.name}.{p.stem}"
 
 
+def table_line(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join([table_line(headers), "|" + "---|" * len(headers), *map(table_line, rows)])
+
+
+class Rows(list):
+    """A report's rows, shown as one markdown table while they are measured: the header with
+    the first row, then each row as it is appended (`write_report` does not print it again)."""
+
+    def __init__(self, headers: list[str]):
+        super().__init__()
+        self.headers = headers
+
+    def append(self, row: list) -> None:
+        if not self:
+            print(markdown_table(self.headers, []))
+        super().append(row)
+        print(table_line(row), flush=True)
 
 
 def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: list[list[str]],
                  env: dict[str, str], notes: str = "",
                  providers: dict[str, str | None] | None = None,
                  interrupted: bool = False) -> Path:
-    """Print the table and write it, with the environment and what was compared, to
-    OUT_DIR/NAME-DEVICE-DATE.md, plus the same content as .json for `tinygpt bench` to gather.
+    """Print the table (unless its `Rows` showed it already) and write it, with the environment
+    and what was compared, to OUT_DIR/NAME-DEVICE-DATE.md, plus the same content as .json for
+    `tinygpt bench` to gather.
 
     providers: name -> None when it ran here, or the reason it could not. interrupted: the run
     stopped early (Interruptible), which the notes then say first."""
     if interrupted:
         notes = f"**{INTERRUPTED}**" + (f"\n\n{notes}" if notes else "")
     table = markdown_table(headers, rows)
-    print(table)
+    if not isinstance(rows, Rows):
+        print(table)
     path = Path(out_dir) / f"{name}-{DEVICE_TAG}-{env['date'][:10]}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     env_lines = "\n".join(f"- {k}: `{v}`" for k, v in env.items())

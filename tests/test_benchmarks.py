@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import bench_attention, bench_layernorm, tune_attention
-from benchmarks.report import Timing
+from benchmarks.report import Timing, table_line
 
 CUDA = torch.cuda.is_available()
 
@@ -55,6 +55,10 @@ def test_bench_as_the_readme_writes_it(tmp_path, run_command):
     }
     report = next(tmp_path.glob("report-*.md")).read_text()
     for name, result in results.items():
+        # each table is shown once, as it is measured: its header and every row a line of it
+        assert proc.stdout.count(table_line(result["headers"])) == 1, proc.stdout
+        for row in result["rows"]:
+            assert proc.stdout.count(table_line(row)) == 1, (name, row)
         assert list(result["providers"]) == expected[name]
         if name == "generate":
             assert len(result["rows"]) == 3  # shift, exact, off

@@ -68,6 +68,39 @@ BAD_ARGUMENTS = {
     "threads 0": (["train", "--threads", "0"], "argument --threads: must be a whole number"),
     "sample threads": (["sample", "--threads", "two"], "argument --threads: must be a whole"),
     "unknown suite": (["bench", "speed"], "argument SUITE: unknown suite 'speed'; choose from"),
+    # Numbers a resource or an index depends on have upper bounds (issue #41: these overflowed
+    # inside torch or numpy, or ran out of memory with the wrong advice).
+    "threads past 64 bits": (["train", "--threads", str(10**30)],
+                             "argument --threads: must be at most"),
+    "threads past the machine": (["sample", "--threads", str((os.cpu_count() or 1) + 1)],
+                                 f"must be at most {os.cpu_count() or 1} (this machine's logical"),
+    "micro-batches past 64 bits": (["train", "--grad-accum", str(10**30)],
+                                   "grad_accum must be in [1, 4096], got 1000000000000000000000"),
+    "evaluation batches past 64 bits": (["train", "--eval-iters", str(10**30)],
+                                        "eval_iters must be in [1, 100000], got 100000000000"),
+    "batch past 64 bits": (["train", "--batch-size", str(10**30)],
+                           "batch_size must be in [1, 1048576], got 1000000000"),
+    "join timeout inf": (["train", "--join-timeout", "inf"],
+                         "argument --join-timeout: must be a number of seconds in (0, 86400]"),
+    "join timeout nan": (["train", "--join-timeout", "nan"], "in (0, 86400], got 'nan'"),
+    "doctor batch past 64 bits": (["doctor", "--batch-size", str(10**30)],
+                                  "batch_size must be in [1, 1048576]"),
+    "weight decay past 1/lr": (["train", "--preset", "cpu-baby", "--weight-decay", "1e300"],
+                               "weight_decay (1e+300) times lr (0.001) must be below 1"),
+    "bigram with transformer flags": (["train", "--preset", "bigram", "--n-layer", "8",
+                                       "--n-embd", "999"],
+                                      "--n-layer, --n-embd do not apply to the bigram model"),
+    "bigram model with dropout": (["train", "--model", "bigram", "--dropout", "0.1"],
+                                  "--dropout does not apply to the bigram model"),
+    "sample with a training flag": (["sample", "--n-layer", "3"],
+                                    "unrecognized arguments: --n-layer 3 (see `tinygpt sample "
+                                    "--help`)"),
+    "torchrun with a bad value": (["torchrun", "--nproc_per_node=2", "train", "--lr", "nan"],
+                                  "lr must be a finite number, got nan"),
+    "torchrun with an unknown flag": (["torchrun", "--nproc_per_node=2", "train", "--frob"],
+                                      "unrecognized arguments: --frob (see `tinygpt train"),
+    "torchrun without train": (["torchrun", "--nproc_per_node=2"],
+                               "tinygpt torchrun runs `train`"),
 }
 
 _PROBE = """
@@ -127,7 +160,7 @@ def test_help_shows_every_default(answers):
     """Each preset's values where they differ; one preset's with --preset; every sample flag."""
     pages = {name: re.sub(r"\s+", " ", found[2])
              for name, found in answers[0]["results"].items() if found[2]}
-    assert "transformer blocks (default: shakespeare-char: 6, cpu-baby: 4, bigram: 6)" in (
+    assert "transformer blocks (default: shakespeare-char: 6, cpu-baby: 4, bigram: not used)" in (
         pages["train help"])
     assert "AdamW beta1 (default: 0.9)" in pages["train help"]
     assert "transformer blocks (default: 4)" in pages["cpu-baby help"]
@@ -225,9 +258,15 @@ HOSTILE_CHECKPOINTS = {
     "longer vocabulary": (dict(vocab="abcdefghijkl"),
                           "12 characters in its vocabulary but a model built for 11"),
     "longer vocabulary and config": (dict(vocab="abcdefghijkl", model_config={"vocab_size": 12}),
-                                     "its weights do not fit the model (size mismatch for "
-                                     "tok_emb.weight: copying a param with shape "
-                                     "torch.Size([11, 16]) from checkpoint"),
+                                     "its weights do not fit the model its config describes "
+                                     "(tok_emb.weight is (11, 16) float32, the model's is "
+                                     "(12, 16) float32)"),
+    # The config is checked against the weights on the meta device: nothing is allocated for
+    # the 512 GB embedding it claims.
+    "enormous block": (dict(model_config={"block_size": 10**9}),
+                       "pos_emb.weight is (16, 16) float32, the model's is (1000000000, 16)"),
+    "weights as integers": (dict(model={"ln_f.weight": torch.ones(16, dtype=torch.long)}),
+                            "ln_f.weight is (16,) int64, the model's is (16,) float32"),
 }
 
 

@@ -155,6 +155,9 @@ def test_default_corpus_offline_says_how_to_pass_data(tmp_path, monkeypatch):
         raise data.urllib.error.URLError("Temporary failure in name resolution")
 
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    with pytest.raises(UserError, match="--data FILE"):
+    with pytest.raises(UserError, match="--data FILE") as refused:
         data.default_corpus()
     assert list(tmp_path.iterdir()) == []
+    # offline, a copy in the cache serves as well (it is checked by its sha256 like a download)
+    assert (f"put a copy of it at {tmp_path / 'tinyshakespeare.txt'} (TINYGPT_CACHE sets that "
+            "directory)") in str(refused.value)

@@ -128,19 +128,24 @@ def answer_to(proc: subprocess.Popen, sig: signal.Signals) -> str:
     return err
 
 
-def test_sighup_in_a_long_evaluation_is_answered_within_seconds(tmp_path, corpus_path, spawn):
-    """The first evaluation would take minutes: a closed terminal's SIGHUP stops it at once, and
-    the checkpoint says the evaluation is still to do. (The bigram model has no layers to check
-    between: the evaluation checks between its batches.)"""
+def test_sighup_in_a_long_first_evaluation_is_answered_within_seconds(tmp_path, corpus_path,
+                                                                     spawn):
+    """The first evaluation would take minutes: a closed terminal's SIGHUP stops it at once,
+    and, the run having written nothing yet, it writes nothing (as before the first step); an
+    earlier run's checkpoints that --overwrite was to replace stay as they were. (The bigram
+    model has no layers to check between: the evaluation checks between its batches.)"""
+    (tmp_path / "last.pt").write_bytes(b"an earlier run")
     proc = start(spawn, ["train", "--preset", "bigram", "--device", "cpu", "--eval-iters",
-                         "1000000", "--data", str(corpus_path), "--out-dir", str(tmp_path)])
+                         "100000", "--data", str(corpus_path), "--out-dir", str(tmp_path),
+                         "--overwrite"])
     wait_for(proc, "tinygpt: preset")
     time.sleep(2)  # the trial step takes milliseconds: this is well inside the evaluation
     err = answer_to(proc, signal.SIGHUP)
     assert proc.returncode == 128 + signal.SIGHUP, err
-    assert "stopped by SIGHUP at iteration 0; continue with --resume" in err
-    ckpt = load_checkpoint(tmp_path / "last.pt")
-    assert ckpt["iteration"] == 0 and not ckpt["evaluated"]
+    assert err.endswith("tinygpt: stopped by SIGHUP before the first step; nothing was "
+                        "written\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tinygpt.lock", "last.pt"]
+    assert (tmp_path / "last.pt").read_bytes() == b"an earlier run"
 
 
 SAVE_HANGS = """

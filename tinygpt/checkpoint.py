@@ -7,8 +7,12 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts saved
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -17,6 +21,7 @@ import torch
 
 from .config import ModelConfig, TrainConfig
 from .errors import UserError, os_reason
+from .model import build_model
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "train_config", "model", "iteration", "vocab")
@@ -53,6 +58,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     """Write `payload` to `path` atomically (`write_atomically`). A failed write (a full disk,
     say) raises UserError naming the path and the reason, and leaves the old file as it was."""
     path = Path(path)
+    kept = ("the previous checkpoint there is unchanged" if path.exists()
+            else "no checkpoint was written there")
     try:
         write_atomically(path, lambda f: torch.save({"format_version": FORMAT_VERSION,
                                                      **payload}, f))
@@ -60,22 +67,26 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
         reason = os_reason(e)
         if isinstance(e, RuntimeError) and reason == str(e):
             raise  # torch failed for a reason of its own, not the file system's
-        raise UserError(f"could not write checkpoint {path} ({reason}); the previous "
-                        "checkpoint there is unchanged") from e
+        raise UserError(f"could not write checkpoint {path} ({reason}); {kept}") from e
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read and check a checkpoint; every problem becomes one UserError naming the file."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's remarks on the pickle: the error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
-    except OSError as e:  # unreadable, a directory, ...
-        raise UserError(f"cannot read checkpoint {path} ({os_reason(e)})") from e
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # unreadable, a directory, ...
+            raise UserError(f"cannot read checkpoint {path} ({os_reason(e)})") from e
+        # EINVAL: the zip reader sought past the end of a torn file
+        raise UserError(f"checkpoint {path} is corrupt or truncated (its zip index points "
+                        "past its end)") from e
     except Exception as e:  # truncated zip, bad pickle, disallowed global, ...
-        reason = str(e).strip().split("\n")[0].split(". ")[0] or type(e).__name__
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({reason})") from e
+        raise UserError(f"checkpoint {path} {_load_failure(e)}") from e
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise UserError(f"checkpoint {path} is not a tinygpt checkpoint (missing fields)")
     version = ckpt["format_version"]
@@ -122,18 +133,116 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if broken:
         raise UserError(f"checkpoint {path} has non-finite weights (NaN or inf in "
                         f"{', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
+    _check_weights(weights, configs["model_config"], path)
     return ckpt
 
 
-def restore(target, state: dict, path: str | os.PathLike, what: str = "weights") -> None:
-    """`target.load_state_dict(state)` (a model or an optimizer), with a clear error when the
-    checkpoint's tensors do not fit it."""
-    try:
-        target.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as e:
-        # load_state_dict heads its list of problems "Error(s) in loading ...:"; name the first
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
-            lines.pop(0)
-        first = lines[0].rstrip(".") if lines else type(e).__name__
-        raise UserError(f"checkpoint {path}: its {what} do not fit the model ({first})") from e
+def _load_failure(e: Exception) -> str:
+    """What a failed `torch.load` says of the file: an object it refuses (the global the
+    unpickler met), or damage."""
+    text = str(e)
+    if found := re.search(r"GLOBAL ([\w.]+)", text):  # a function or class, named
+        what = found[1]
+        return (f"holds an object tinygpt does not load ({what}); only tensors, numbers, "
+                "strings, lists and dicts are read, and nothing in the file was run")
+    reason = text.strip().split("\n")[0].split(". ")[0] or type(e).__name__
+    return f"is corrupt or truncated ({reason})"
+
+
+def _check_weights(weights: dict, config: ModelConfig, path: Path) -> None:
+    """UserError unless `weights` are exactly the tensors of the model `config` builds, each of
+    its shape: told from a model on the meta device, so nothing is allocated for a config that
+    claims a huge model."""
+    with torch.device("meta"):
+        expected = build_model(config).state_dict()
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        names = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in unexpected]
+        more = ", ..." if len(names) > 2 else ""
+        raise UserError(f"checkpoint {path}: its weights do not fit the model its config "
+                        f"describes ({', '.join(names[:2])}{more})")
+    for name, want in expected.items():
+        got = weights[name]
+        if got.shape != want.shape or not got.is_floating_point():
+            raise UserError(f"checkpoint {path}: its weights do not fit the model its config "
+                            f"describes ({name} is {_describe(got)}, the model's is "
+                            f"{_describe(want)})")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+def check_training_state(ckpt: dict, path: Path, optimizer: torch.optim.Optimizer,
+                         expected_state, device: torch.device) -> None:
+    """UserError unless `ckpt` holds training state that fits what will consume it, checked
+    before any of it is loaded: the optimizer's per-parameter state (`expected_state(param)`:
+    each tensor's name, shape and whether it may be negative) in the optimizer's layout of
+    parameter groups, random-number states each generator accepts, a best loss and flags of
+    their types. A malformed tensor reaching a fused optimizer kernel can crash the process."""
+    missing = sorted({"optimizer", "rng", "best_val_loss", "evaluated"} - ckpt.keys())
+    if missing:
+        raise UserError(f"checkpoint {path} lacks the training state to resume from "
+                        f"({', '.join(missing)})")
+
+    def bad(what: str) -> UserError:
+        return UserError(f"checkpoint {path} has a malformed {what}; it cannot be resumed")
+
+    best = ckpt["best_val_loss"]
+    if (not isinstance(best, (int, float)) or isinstance(best, bool) or math.isnan(best)
+            or best < 0):
+        raise bad(f"best_val_loss ({best!r:.40})")
+    if not isinstance(ckpt["evaluated"], bool):
+        raise bad(f"evaluated flag ({ckpt['evaluated']!r:.40})")
+    _check_optimizer(ckpt["optimizer"], optimizer, expected_state, bad)
+    _check_rng(ckpt["rng"], device, bad)
+
+
+def _check_optimizer(saved, optimizer, expected_state, bad) -> None:
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and isinstance(saved.get("param_groups"), list)
+            and all(isinstance(g, dict) for g in saved["param_groups"])):
+        raise bad("optimizer state (not a dict of state and param_groups)")
+    layout = [g["params"] for g in optimizer.state_dict()["param_groups"]]
+    if [g.get("params") for g in saved["param_groups"]] != layout:
+        raise bad("optimizer state (its parameter groups are not this model's)")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, state in saved["state"].items():
+        if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(state, dict)):
+            raise bad(f"optimizer state (entry {index!r:.20})")
+        expected = expected_state(params[index])
+        if state.keys() != expected.keys():
+            raise bad(f"optimizer state (parameter {index} has {', '.join(sorted(state))}; "
+                      f"expected {', '.join(sorted(expected))})")
+        for name, (shape, may_be_negative) in expected.items():
+            t = state[name]
+            if not (torch.is_tensor(t) and t.is_floating_point() and t.shape == shape):
+                got = _describe(t) if torch.is_tensor(t) else type(t).__name__
+                raise bad(f"optimizer state ({name} of parameter {index} is {got}; expected "
+                          f"{tuple(shape)} floating point)")
+            if not torch.isfinite(t).all() or (not may_be_negative and (t < 0).any()):
+                raise bad(f"optimizer state ({name} of parameter {index} holds "
+                          f"{'non-finite' if not torch.isfinite(t).all() else 'negative'} "
+                          "values)")
+
+
+def _check_rng(rng, device: torch.device, bad) -> None:
+    """Every random-number state is one its generator accepts: tried on throwaway generators."""
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), list) and rng["torch"]
+            and isinstance(rng.get("batches"), dict)
+            and (rng.get("cuda") is None or isinstance(rng["cuda"], list))):
+        raise bad("random-number state (not the torch, cuda and batches streams)")
+    states = [("torch", "cpu", s) for s in rng["torch"]]
+    if device.type == "cuda" and rng["cuda"] is not None:  # only used on CUDA
+        states += [("cuda", device, s) for s in rng["cuda"]]
+    for stream, state in rng["batches"].items():
+        if not isinstance(stream, int):
+            raise bad(f"random-number state (batch stream {stream!r:.20})")
+        states.append((f"batch stream {stream}", "cpu", state))
+    for what, on, state in states:
+        try:
+            torch.Generator(device=on).set_state(state)
+        except (RuntimeError, TypeError) as e:
+            reason = str(e).split("\n")[0]
+            raise bad(f"random-number state ({what}: {reason})") from e

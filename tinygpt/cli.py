@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -20,12 +21,22 @@ from .config import (
     check_values,
     fields_of,
     from_preset,
+    params_words,
+    refuse_unused,
 )
 from .errors import Stopped, UserError
-from .launch import Context, from_environment
-from .threads import ThreadTuner, count_kept, fixed_by, plural, reproducible_blas
+from .launch import JOIN_TIMEOUT_S, Context, from_environment
+from .threads import (
+    ThreadTuner,
+    count_kept,
+    describe,
+    fixed_by,
+    plural,
+    reproducible_blas,
+)
 
 RANK_GRACE_S = 5.0  # how long a torchrun rank other than 0 waits before reporting its error
+MAX_JOIN_TIMEOUT_S = 86400.0
 
 
 def _add_config_flags(group, cls, shown: dict[str, str] | None = None) -> None:
@@ -61,10 +72,13 @@ def _preset_defaults(chosen: str | None) -> dict[str, str]:
     """Each config field's default as `train --help` shows it: the chosen preset's value, or
     every preset's where they differ."""
     names = [chosen] if chosen in PRESETS else list(PRESETS)
+    unused = {f.name for f in fields_of(ModelConfig) if f.metadata.get("gpt_only")}
     configs = {}
     for name in names:
         model, train = from_preset(name)
         configs[name] = {**vars(model), **vars(train)}
+        if model.model == "bigram":
+            configs[name].update(dict.fromkeys(unused, "not used"))
     shown = {}
     for field, value in configs[names[0]].items():
         values = {name: config[field] for name, config in configs.items()}
@@ -86,15 +100,45 @@ def _preset_in(argv: list[str]) -> str | None:
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage mistakes reported in one line like every other error."""
 
+    def parse_args(self, args=None, namespace=None):
+        """Arguments no command takes are pointed to that command's help; those after `torchrun`
+        go to it as they are (`rest`)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if getattr(namespace, "command", None) == "torchrun":
+            namespace.rest = extras
+        elif extras:
+            command = getattr(namespace, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            _error_line(f"unrecognized arguments: {' '.join(extras)} (see `{prog} --help`)")
+            self.exit(2)
+        return namespace
+
     def error(self, message: str):
-        self.exit(2, f"tinygpt: error: {message} (see `{self.prog} --help`)\n")
+        _error_line(f"{message} (see `{self.prog} --help`)")
+        self.exit(2)
 
 
 def _threads(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of threads (1 or more), "
                                          f"got {value!r}")
+    cpus = os.cpu_count() or 1
+    if int(value) > cpus:
+        shown = value if len(value) < 10 else f"{int(value):.3g}"
+        raise argparse.ArgumentTypeError(f"must be at most {cpus} (this machine's logical "
+                                         f"CPUs), got {shown}")
     return int(value)
+
+
+def _join_timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_JOIN_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, "
+                                         f"{MAX_JOIN_TIMEOUT_S:g}], got {value!r:.40}")
+    return seconds
 
 
 def _suite(value: str) -> str:
@@ -135,11 +179,19 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--log-interval", type=int, default=10, metavar="N",
                        help="report the training loss every N steps (default: 10)")
     train.add_argument("--threads", type=_threads, metavar="N", help=threads_help)
+    train.add_argument("--join-timeout", type=_join_timeout, default=JOIN_TIMEOUT_S,
+                       metavar="S", help="under torchrun: seconds to wait for every process of "
+                                         f"the job to start (default: {JOIN_TIMEOUT_S:g})")
     defaults = _preset_defaults(preset)
     whose = f"preset {preset}'s" if preset in PRESETS else "each preset's"
     for cls, title in ((ModelConfig, "model"), (TrainConfig, "training")):
         group = train.add_argument_group(f"{title} options (defaults: {whose})")
         _add_config_flags(group, cls, defaults)
+
+    # Everything after `torchrun` is its own (see _Parser.parse_args); --help shows torchrun's.
+    sub.add_parser("torchrun", add_help=False,
+                   help="train data parallel: torchrun's options, then train and its options "
+                        "(tinygpt torchrun --nproc_per_node=4 train --grad-accum 4)")
 
     sample = sub.add_parser("sample", help="generate text from a checkpoint")
     sample.add_argument("--ckpt", metavar="PATH", help="checkpoint (default: OUT_DIR/best.pt)")
@@ -227,7 +279,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                       device.type == "cpu" and interpreter_on(), args.json)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_options(args: argparse.Namespace) -> dict:
+    """The config fields `train` was given, checked as far as they can be before torch is
+    imported and the preset is known."""
     names = [f.name for cls in (ModelConfig, TrainConfig) for f in fields_of(cls)]
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.log_interval < 1:
@@ -242,9 +296,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--new-data cannot be used here: it goes with --resume --data FILE")
     for cls in (ModelConfig, TrainConfig):  # answered before torch is imported
         check_values(cls, overrides)
+    refuse_unused(overrides.get("model"), overrides)
     if args.preset is not None:
         from_preset(args.preset, **overrides)
+    return overrides
 
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = _train_options(args)
     from .train import pick_device, train
 
     tune_threads = _set_threads(args.threads)
@@ -254,9 +313,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset = "shakespeare-char" if cuda else "cpu-baby"
     summary = train(preset or "shakespeare-char", overrides, data=args.data, resume=args.resume,
                     log_interval=args.log_interval, overwrite=args.overwrite,
-                    new_data=args.new_data, tune_threads=tune_threads)
+                    new_data=args.new_data, tune_threads=tune_threads,
+                    join_timeout=args.join_timeout)
     signum = summary["interrupted_by"]
     return 128 + signum if signum else 0
+
+
+def cmd_torchrun(args: argparse.Namespace) -> int:
+    """torchrun with `train` as its program: the training options are checked once, before any
+    process starts, and a failed job ends in one line instead of torchrun's traceback."""
+    split = args.rest.index("train") if "train" in args.rest else len(args.rest)
+    launcher, job = args.rest[:split], args.rest[split:]
+    if job:
+        _train_options(build_parser(_preset_in(job)).parse_args(job))
+    elif not {"-h", "--help"} & set(launcher):
+        raise UserError("tinygpt torchrun runs `train`: tinygpt torchrun [TORCHRUN OPTIONS] train "
+                        "[TRAIN OPTIONS]")
+
+    import logging
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    parser = torchrun.get_args_parser()
+    parser.prog = "tinygpt torchrun"
+    parser.error = _Parser.error.__get__(parser)  # one line, like every other mistake
+    if not job:  # torchrun's options: --help
+        parser.print_help()
+        return 0
+    options = parser.parse_args([*launcher, "-m", "tinygpt", *job])
+    # torchrun's banner about OMP_NUM_THREADS, and its log line per failed process: the line
+    # below says what failed
+    logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(options)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode == 2:  # tinygpt's own error: the process said why in one line
+            return 2
+        if failure.exitcode < 0:
+            name = signal.Signals(-failure.exitcode).name
+            raise UserError(f"process {rank} of the job was killed by {name}") from None
+        raise UserError(f"process {rank} of the job exited with code {failure.exitcode}; its "
+                        "output is above") from None
+    except SignalException as e:  # torchrun passed it on to the processes, which saved
+        return 128 + e.sigval
+    except Exception as e:  # torchrun's own failure: a rendezvous that timed out, say
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"torchrun could not run the job ({reason})") from e
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -267,8 +374,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import ops, trust
-    from .checkpoint import load_checkpoint, restore
+    from . import memory, ops, trust
+    from .checkpoint import load_checkpoint
     from .data import Tokenizer
     from .generate import generate
     from .model import attention_shape, build_model
@@ -279,19 +386,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(path)
     device = pick_device(args.device)
     tokenizer = Tokenizer(ckpt["vocab"])
-    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     model_cfg = ModelConfig(**ckpt["model_config"])
+    prompt = tokenizer.encode(args.prompt)
     resolved = ops.resolve_backend(args.backend, device, attention_shape(model_cfg, 1))
     choice = trust.settle(resolved, device, model_cfg, 1, ops.precision(device)[0], False,
                           explicit=ops.requested_backend(args.backend)[0] == "triton",
                           by_speed=False, say=_note)
-    model = build_model(model_cfg, choice.backend)
-    restore(model, ckpt["model"], path)
-    model.to(device).eval()
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     # Each token is a unit of work for the thread count: the tuner times the gaps between them.
     tuner = (ThreadTuner("sampling", "token", torch.get_num_threads(), say=_note)
              if tune_threads and device.type == "cpu" else None)
+    amp_words = ops.precision(device)[1]
+    if device.type == "cpu":
+        amp_words += ", " + describe(tuner)
+    loss = ckpt.get("best_val_loss")
+    _note(f"sampling {path} (iteration {ckpt['iteration']}"
+          + (f", val loss {loss:.4f}" if isinstance(loss, float) and loss < math.inf else "")
+          + f") | {model_cfg.model} {params_words(model_cfg.num_params())} | device {device} "
+          f"({amp_words}) | backend {choice.backend}"
+          + (f" | cache {cfg.cache}" if model_cfg.model == "gpt" else ""))
 
     def stream(token: torch.Tensor) -> None:
         sys.stdout.write(tokenizer.decode(token[0].tolist()))
@@ -300,12 +412,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
             tuner.tick()
 
     started = time.perf_counter()
-    with count_kept():
+    with memory.reported(device, "sampling", memory.sampling_advice(model_cfg, cfg.cache),
+                         "nothing was written"), count_kept():
+        model = build_model(model_cfg, choice.backend)
+        model.load_state_dict(ckpt["model"])  # checked against its config on loading
+        model.to(device).eval()
+        idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
         for i in range(cfg.num_samples):
             if i:
                 print("-" * 40)
             sys.stdout.write(args.prompt)
-            generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+            generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                      generator, cache=cfg.cache, on_token=stream)
             if tuner is not None:
                 tuner.end()
@@ -334,6 +452,12 @@ def _set_threads(threads: int | None) -> bool:
 
 
 def _report(error: UserError, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    _error_line(str(error))
+
+
+def _error_line(text: str) -> None:
     """One line on stderr. Every torchrun process meets the same mistakes, and torchrun stops the
     others as soon as one exits: rank 0 speaks at once, and another rank only after
     `RANK_GRACE_S`, if it is still running then (its error was its own, not rank 0's too)."""
@@ -343,10 +467,8 @@ def _report(error: UserError, debug: bool) -> None:
         ctx = Context()
     if not ctx.is_main:
         time.sleep(RANK_GRACE_S)
-    if debug:
-        traceback.print_exc()
     tag = "" if ctx.is_main else f" (rank {ctx.rank})"
-    print(f"tinygpt: error{tag}: {error}", file=sys.stderr, flush=True)
+    print(f"tinygpt: error{tag}: {text}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(_preset_in(argv)).parse_args(argv)
     try:
         commands = {"train": cmd_train, "sample": cmd_sample, "doctor": cmd_doctor,
-                    "bench": cmd_bench}
+                    "bench": cmd_bench, "torchrun": cmd_torchrun}
         return commands[args.command](args)
     except UserError as e:
         _report(e, args.debug)

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from .errors import UserError
 
 MAX_PARAMS = 2**40  # a bound on model size that keeps every count and shape far inside int64
+MAX_BATCH_SIZE = 2**20  # sequences drawn per micro-batch: a bound on the indices of a batch
+MAX_MICRO_BATCHES = 4096  # each keeps a random stream (5 KB of state, in every checkpoint)
+MAX_EVAL_ITERS = 100_000  # an evaluation keeps a loss per batch; far more than a full pass
 SEED_LIMIT = 2**63  # seeds are in [0, 2^63): torch takes 64-bit seeds, and training adds the rank
 _TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"),
           "str": (str, "a string"), "bool": (bool, "true or false")}
@@ -22,14 +25,17 @@ _TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"),
 
 def _f(default, help: str, **accepts):
     """A field: its default, its help, and what it accepts: `choices`, bounds `at_least` /
-    `above` / `below` / `at_most`, `nonempty`; `cli=False` keeps it off the command line."""
+    `above` / `below` / `at_most`, `nonempty`; `cli=False` keeps it off the command line, and
+    `gpt_only=True` marks what the bigram model has no use for."""
     return field(default=default, metadata={"help": help, **accepts})
 
 
 def _bounds(rules) -> str:
     """The range `rules` allow, in words: 'at least 1', 'positive', 'in [0, 1)'."""
     def num(v) -> str:
-        return "2^63" if v == SEED_LIMIT else f"{v:g}"
+        if v == SEED_LIMIT:
+            return "2^63"
+        return str(v) if isinstance(v, int) else f"{v:g}"
 
     low = ("[", rules["at_least"]) if "at_least" in rules else ("(", rules.get("above"))
     high = ("]", rules["at_most"]) if "at_most" in rules else (")", rules.get("below"))
@@ -77,12 +83,12 @@ class ModelConfig:
     vocab_size: int = _f(65, "number of distinct characters (set from the corpus)", cli=False,
                          at_least=1)
     block_size: int = _f(256, "context length in characters", at_least=1)
-    n_layer: int = _f(6, "transformer blocks", at_least=1)
-    n_head: int = _f(6, "attention heads per block", at_least=1)
-    n_embd: int = _f(384, "embedding width (divisible by n_head)", at_least=1)
+    n_layer: int = _f(6, "transformer blocks", at_least=1, gpt_only=True)
+    n_head: int = _f(6, "attention heads per block", at_least=1, gpt_only=True)
+    n_embd: int = _f(384, "embedding width (divisible by n_head)", at_least=1, gpt_only=True)
     dropout: float = _f(0.2, "dropout on attention weights, residual branches and embeddings",
-                        at_least=0.0, below=1.0)
-    bias: bool = _f(False, "biases in Linear and LayerNorm layers")
+                        at_least=0.0, below=1.0, gpt_only=True)
+    bias: bool = _f(False, "biases in Linear and LayerNorm layers", gpt_only=True)
 
     def validate(self) -> None:
         check_values(type(self), vars(self))
@@ -107,12 +113,18 @@ class ModelConfig:
         return V * C + self.block_size * C + self.n_layer * block + norm
 
 
+def params_words(n: int) -> str:
+    """A parameter count as start lines show it: '4,225 params', '10.79M params'."""
+    return f"{n:,} params" if n < 1_000_000 else f"{n / 1e6:.2f}M params"
+
+
 @dataclass
 class TrainConfig:
-    batch_size: int = _f(64, "sequences per micro-batch", at_least=1)
+    batch_size: int = _f(64, "sequences per micro-batch", at_least=1, at_most=MAX_BATCH_SIZE)
     grad_accum: int = _f(1, "micro-batches per optimizer step (global batch: batch_size x "
                             "grad_accum), shared out among torchrun processes; left out under "
-                            "torchrun, each process takes the preset's number", at_least=1)
+                            "torchrun, each process takes the preset's number", at_least=1,
+                   at_most=MAX_MICRO_BATCHES)
     max_iters: int = _f(5000, "optimizer steps in total; a new run's warm-up and decay scale "
                               "with it unless given", at_least=0)
     lr: float = _f(1e-3, "peak learning rate (AdamW)", above=0.0)
@@ -126,7 +138,8 @@ class TrainConfig:
                              at_least=0.0)
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 disables)", at_least=0.0)
     eval_interval: int = _f(250, "evaluate train/val loss every this many steps", at_least=1)
-    eval_iters: int = _f(200, "batches per split in each evaluation", at_least=1)
+    eval_iters: int = _f(200, "batches per split in each evaluation", at_least=1,
+                         at_most=MAX_EVAL_ITERS)
     seed: int = _f(1337, "random seed for weights, batches and dropout", at_least=0,
                    below=SEED_LIMIT)
     device: str = _f("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu",
@@ -142,6 +155,9 @@ class TrainConfig:
         check_values(type(self), vars(self))
         if self.min_lr > self.lr:
             raise UserError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.lr * self.weight_decay >= 1:  # AdamW scales weights by 1 - lr x weight_decay
+            raise UserError(f"weight_decay ({self.weight_decay:g}) times lr ({self.lr:g}) must be "
+                            "below 1: each step multiplies the weights by 1 - lr x weight_decay")
 
 
 @dataclass
@@ -183,6 +199,20 @@ def fields_of(cls) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
+def refuse_unused(model: str, given: dict) -> None:
+    """UserError if `given` sets a field that `model` has no use for: a flag that would be
+    silently ignored."""
+    if model != "bigram":
+        return
+    unused = [f"--{f.name.replace('_', '-')}" for f in fields_of(ModelConfig)
+              if f.metadata.get("gpt_only") and given.get(f.name) is not None]
+    if unused:
+        one = len(unused) == 1
+        raise UserError(f"{', '.join(unused)} do{'es' if one else ''} not apply to the bigram "
+                        f"model (a vocab x vocab table); leave {'it' if one else 'them'} out, or "
+                        "pass --model gpt")
+
+
 def from_preset(name: str, **overrides) -> tuple[ModelConfig, TrainConfig]:
     """Both configs for a named preset, with `overrides` (any field of either) applied. A
     `max_iters` override scales the preset's warm-up and decay with it, each unless given."""
@@ -202,6 +232,7 @@ def from_preset(name: str, **overrides) -> tuple[ModelConfig, TrainConfig]:
             if key not in given:
                 values[key] = round(getattr(preset, key) * given["max_iters"]
                                     / max(1, preset.max_iters))
+    refuse_unused(values.get("model", ModelConfig.model), given)
     model = ModelConfig(**{k: v for k, v in values.items() if k in model_names})
     train = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
     model.validate()

@@ -81,8 +81,8 @@ def default_corpus() -> Path:
         os.replace(tmp, path)
     except OSError as e:  # URLError is an OSError
         raise UserError(
-            f"could not download tiny Shakespeare ({e}); pass a local text file with --data FILE"
-        ) from e
+            f"could not download tiny Shakespeare ({e}); put a copy of it at {path} "
+            "(TINYGPT_CACHE sets that directory), or pass another text with --data FILE") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

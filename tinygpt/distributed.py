@@ -7,20 +7,51 @@ gloo on the CPU.
 
 from __future__ import annotations
 
+import sys
+import threading
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .launch import Context
+from .errors import UserError
+from .launch import Context, address
+
+WAIT_NOTICE_S = 5.0  # a wait longer than this is announced
+COLLECTIVE_TIMEOUT_S = 1800.0  # torch's default for gloo: rank 0 may evaluate for long
 
 
-def start(ctx: Context, device: torch.device) -> None:
-    if ctx.enabled and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+def start(ctx: Context, device: torch.device, join_timeout: float) -> None:
+    """Join the job's process group. The processes meet at MASTER_ADDR:MASTER_PORT; one that
+    waits there more than `WAIT_NOTICE_S` says so, and all give up after `join_timeout` seconds
+    with one line (the collectives after that keep torch's own timeout)."""
+    if not ctx.enabled or dist.is_initialized():
+        return
+    host, port = address()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tag = "" if ctx.is_main else f" (rank {ctx.rank})"
+    notice = threading.Timer(WAIT_NOTICE_S, lambda: print(
+        f"tinygpt{tag}: waiting for the {ctx.world_size} processes of the job to meet at "
+        f"{host}:{port} (giving up after {join_timeout:g} s; --join-timeout S)",
+        file=sys.stderr, flush=True))
+    notice.daemon = True
+    notice.start()
+    try:
+        store, _, _ = next(dist.rendezvous("env://", ctx.rank, ctx.world_size,
+                                           timeout=timedelta(seconds=join_timeout)))
+    except (RuntimeError, ValueError) as e:  # torch's DistError family: timed out, refused
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the {ctx.world_size} processes of the job did not all meet at "
+                        f"{host}:{port} within {join_timeout:g} s ({reason:.160}); start every "
+                        "process (torchrun does), or allow longer with --join-timeout") from e
+    finally:
+        notice.cancel()
+    store.set_timeout(timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                            rank=ctx.rank, world_size=ctx.world_size,
+                            device_id=device if device.type == "cuda" else None)
 
 
 def stop() -> None:

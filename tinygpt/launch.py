@@ -4,9 +4,13 @@ torchrun sets. No torch here: the command line reads it before torch is imported
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 from .errors import UserError
+
+JOIN_TIMEOUT_S = 300.0  # how long the processes of a job wait for each other to start
+MAX_PROCESSES = 2**20  # a bound on WORLD_SIZE far above any job, inside every count torch keeps
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,12 @@ def from_environment() -> Context:
         return Context()
     rank, world_size, local_rank = (_env_int(name) for name in ("RANK", "WORLD_SIZE",
                                                                 "LOCAL_RANK"))
-    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+    if (not 1 <= world_size <= MAX_PROCESSES or not 0 <= rank < world_size
+            or not 0 <= local_rank < world_size):
         raise UserError(f"RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank} do not "
-                        "describe a process of a torchrun job (0 <= RANK < WORLD_SIZE, "
-                        "LOCAL_RANK >= 0); launch with torchrun or unset them")
+                        "describe a process of a torchrun job (0 <= RANK < WORLD_SIZE <= "
+                        f"{MAX_PROCESSES}, 0 <= LOCAL_RANK < WORLD_SIZE); launch with torchrun or "
+                        "unset them")
     return Context(rank, world_size, local_rank)
 
 
@@ -44,3 +50,25 @@ def _env_int(name: str) -> int:
     except ValueError:
         raise UserError(f"{name}={value!r} is not an integer; torchrun sets it, or unset it to "
                         "train in one process") from None
+
+
+def address() -> tuple[str, int]:
+    """Where the job's processes meet: MASTER_ADDR and MASTER_PORT, which torchrun sets."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        missing = " and ".join(n for n, v in (("MASTER_ADDR", host), ("MASTER_PORT", port))
+                               if not v)
+        raise UserError(f"RANK and WORLD_SIZE describe a job of several processes, but "
+                        f"{missing} {'is' if ' and ' not in missing else 'are'} not set: launch "
+                        "with `tinygpt torchrun` or torchrun, which set them all, or unset RANK "
+                        "and WORLD_SIZE to train in one process")
+    number = _env_int("MASTER_PORT")
+    if not 0 < number < 2**16:
+        raise UserError(f"MASTER_PORT={port!r} is not a TCP port (1 to 65535)")
+    try:
+        socket.getaddrinfo(host, number)
+    except (OSError, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise UserError(f"MASTER_ADDR={host!r:.80} is not an address this machine can reach "
+                        f"({reason})") from None
+    return host, number

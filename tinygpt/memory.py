@@ -78,14 +78,21 @@ def check_fits(device: torch.device, cfg: ModelConfig, batch_size: int, corpus_c
             f"{free / GIB:,.1f} GiB free; {advice(cfg, batch_size)}")
 
 
+def sampling_advice(cfg: ModelConfig, cache: str) -> str:
+    """What to change when sampling from a model of `cfg` runs out of memory."""
+    if cfg.model == "gpt" and cache != "off":
+        return (f"the key/value cache holds {cfg.block_size:,} positions of every layer; "
+                "--cache off keeps none, or sample on a --device with more memory")
+    return "sample on a --device with more memory"
+
+
 @contextlib.contextmanager
-def reported(device: torch.device, doing: str, cfg: ModelConfig, batch_size: int, kept: str):
+def reported(device: torch.device, doing: str, advice: str, kept: str):
     """Turn running out of memory on `device` while `doing` into one UserError line that says
-    what to lower and what happened to the checkpoints (`kept`)."""
+    what to change (`advice`) and what happened to the checkpoints (`kept`)."""
     try:
         yield
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
-        raise UserError(f"out of memory on {device} while {doing}; {advice(cfg, batch_size)} "
-                        f"({kept})") from e
+        raise UserError(f"out of memory on {device} while {doing}; {advice} ({kept})") from e

@@ -29,3 +29,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused,
                              foreach=None if fused else True)
+
+
+def expected_state(param: torch.Tensor) -> dict[str, tuple[torch.Size, bool]]:
+    """What AdamW keeps for `param`: each tensor's shape, and whether it may be negative.
+    Checkpoints are checked against this before their optimizer state is loaded."""
+    return {"step": (torch.Size([]), False), "exp_avg": (param.shape, True),
+            "exp_avg_sq": (param.shape, False)}
+
+
+def load_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a checked checkpoint's per-parameter state into `optimizer`. The parameter groups'
+    settings stay the optimizer's own, from this run's config: a resumed run's new
+    --weight-decay or --beta2 takes effect, and nothing else in the checkpoint reaches them."""
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})

@@ -78,6 +78,19 @@ def plural(threads: int) -> str:
     return f"{threads} thread{'s' if threads != 1 else ''}"
 
 
+
+def describe(tuner: ThreadTuner | None) -> str:
+    """The CPU threads torch uses, or those `tuner` chooses among by timing (for start lines)."""
+    if tuner is None:
+        import torch
+
+        return plural(torch.get_num_threads())
+    *more, fewest = map(str, tuner.counts)
+    if not more:
+        return plural(tuner.counts[0])
+    return (f"{', '.join(more)} or {fewest} threads, whichever times faster (--threads N fixes "
+            "the count)")
+
 class Window:
     """The latest units timed at one count: at least `PROBE_UNITS` of them, and as few more as
     it takes to last `PROBE_SECONDS`. A descheduled thread costs a time slice now and then, not

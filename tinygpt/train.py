@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 
 from . import distributed, launch, memory, ops, trust
-from .checkpoint import load_checkpoint, restore, save_checkpoint
-from .config import ModelConfig, TrainConfig, from_preset
+from .checkpoint import check_training_state, load_checkpoint, save_checkpoint
+from .config import ModelConfig, TrainConfig, from_preset, params_words
 from .data import SHAKESPEARE_SHA256, Batches, Tokenizer, default_corpus, read_corpus
 from .errors import Stopped, UserError
 from .model import LanguageModel, attention_shape, build_model
-from .optim import lr_at, make_optimizer
+from .optim import expected_state, load_state, lr_at, make_optimizer
 from .rundir import OutDirLock, existing_checkpoints
 from .signals import StopRequest
-from .threads import ThreadTuner, count_kept, plural
+from .threads import ThreadTuner, count_kept, describe
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
@@ -121,7 +121,7 @@ class Progress:
             ms = 1000 * (now - self.t_last) / (it - self.it_last)
             speed = f"{ms:.1f} ms/iter | {self.tokens_per_iter / ms * 1000:,.0f} tok/s"
         else:
-            speed = "warming up"
+            speed = "ms/iter from the next report"
         self.t_last, self.it_last = now, it
         done = int(20 * it / max(1, self.total))
         self._status(f"[{'#' * done}{'.' * (20 - done)}] {it}/{self.total} loss {loss:.4f} | "
@@ -192,7 +192,8 @@ def _resume_configs(ckpt: dict, overrides: dict) -> tuple[ModelConfig, TrainConf
 
 def train(preset: str = "shakespeare-char", overrides: dict | None = None, data: str | None = None,
           resume: bool = False, log_interval: int = 10, overwrite: bool = False,
-          new_data: bool = False, tune_threads: bool = False) -> dict:
+          new_data: bool = False, tune_threads: bool = False,
+          join_timeout: float = launch.JOIN_TIMEOUT_S) -> dict:
     """Train a model; returns a summary: losses, timings, checkpoint paths and the model.
 
     The run holds `out_dir` locked. A new run refuses an out_dir that holds another run's
@@ -203,7 +204,8 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
     With `tune_threads`, a run on the CPU (not compiled) chooses its thread counts for training
     steps and for evaluation by timing them (`tinygpt.threads`); otherwise torch's count stands.
 
-    Under torchrun every process runs this: data parallel, rank 0 evaluates and checkpoints.
+    Under torchrun every process runs this: data parallel, rank 0 evaluates and checkpoints;
+    the processes give up on each other after `join_timeout` seconds if one does not start.
     Without a `grad_accum` override a new run gives every process the preset's micro-batches
     (the global batch grows with the processes); with one, they share its micro-batches out.
     """
@@ -241,7 +243,7 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
                             f"processes ({ctx.world_size}), which share its micro-batches out")
         device = pick_device(cfg.device, ctx.local_rank if ctx.enabled else None)
         stop.check()
-        distributed.start(ctx, device)
+        distributed.start(ctx, device, join_timeout)
         run = None
         try:
             run = _Run(ctx, device, model_cfg, cfg, text, data, tokenizer, ckpt, ckpt_path,
@@ -306,11 +308,11 @@ class _Run:
                 ThreadTuner(what, unit, torch.get_num_threads(), say=self.progress.message)
                 for what, unit in (("training", "step"), ("evaluation", "batch")))
         if device.type == "cpu":
-            amp_words += ", " + _threads_words(self.step_threads)
+            amp_words += ", " + describe(self.step_threads)
         self.progress.message(
             "tinygpt: " + (f"preset {preset}" if ckpt is None else
                            f"resuming {ckpt_path} at iteration {self.start_iter}")
-            + f" | {model_cfg.model} {self.model.num_params() / 1e6:.2f}M params | data "
+            + f" | {model_cfg.model} {params_words(self.model.num_params())} | data "
             f"{data['path']} ({len(text):,} chars, vocab {tokenizer.vocab_size}) | device {device} "
             f"({amp_words}) | backend {self.backend}{' + compile' if cfg.compile else ''}"
             + (f" ({why})" if why else "")
@@ -367,7 +369,8 @@ class _Run:
     def _out_of_memory_reported(self, doing: str):
         kept = (f"the checkpoints in {self.out_dir}/ are kept" if self.wrote
                 else "nothing was written")
-        return memory.reported(self.device, doing, self.model_cfg, self.cfg.batch_size, kept)
+        return memory.reported(self.device, doing,
+                               memory.advice(self.model_cfg, self.cfg.batch_size), kept)
 
     def _try_step(self) -> None:
         """A forward and backward pass on a batch of zeros before anything is written, so that a
@@ -384,13 +387,11 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _restore(self, ckpt: dict, path: Path) -> None:
-        missing = sorted({"optimizer", "rng", "best_val_loss", "evaluated"} - ckpt.keys())
-        if missing:
-            raise UserError(f"checkpoint {path} lacks the training state to resume from "
-                            f"({', '.join(missing)})")
-        restore(self.model, ckpt["model"], path)
-        restore(self.optimizer, ckpt["optimizer"], path, what="optimizer state")
-        self.start_iter, self.best_val = ckpt["iteration"], ckpt["best_val_loss"]
+        """Everything is checked against what it goes into before any of it is loaded."""
+        check_training_state(ckpt, path, self.optimizer, expected_state, self.device)
+        self.model.load_state_dict(ckpt["model"])  # checked by load_checkpoint
+        load_state(self.optimizer, ckpt["optimizer"])
+        self.start_iter, self.best_val = ckpt["iteration"], float(ckpt["best_val_loss"])
         self.skip_first_eval = ckpt["evaluated"]
         rng = ckpt["rng"]
         if len(rng["torch"]) == self.ctx.world_size:  # per-rank dropout streams: same count only
@@ -460,9 +461,8 @@ class _Run:
         self.progress.message(f"step {it}: train loss {losses['train']:.4f}, "
                               f"val loss {losses['val']:.4f}{' (best)' if improved else ''}")
         if improved:
-            save_checkpoint(self.out_dir / "best.pt", payload)
-        save_checkpoint(self.out_dir / "last.pt", payload)
-        self.wrote = True
+            self._save("best.pt", payload)
+        self._save("last.pt", payload)
         return {"iter": it, **losses, "seconds": time.perf_counter() - t0}, True
 
     def _random_state(self) -> tuple:
@@ -519,15 +519,24 @@ class _Run:
         """The signal that stops the run, agreed on by every rank (0: none)."""
         return int(distributed.max_over_ranks(self.stop.signum or 0, self.device))
 
+    def _save(self, name: str, payload: dict) -> None:
+        """Write checkpoint `name`; the first write removes an earlier run's (--overwrite), so
+        that the directory never holds checkpoints of both."""
+        for old in self.replacing:
+            (self.out_dir / old).unlink(missing_ok=True)
+        self.replacing = []
+        save_checkpoint(self.out_dir / name, payload)
+        self.wrote = True
+
     def loop(self, replacing: list[str]) -> dict:
         """Train to max_iters or until a signal; `replacing`: the checkpoints of an earlier run
-        that --overwrite removes now that this one is about to write."""
+        that --overwrite removes when this one first writes. A new run stopped before it has
+        written anything (in its first evaluation, say) writes nothing and raises Stopped."""
         cfg = self.cfg
         history: list[dict] = []
         t0 = time.perf_counter()
         it, stopped_by = self.start_iter, 0
-        for name in replacing:
-            (self.out_dir / name).unlink(missing_ok=True)
+        self.replacing = replacing
         try:
             while True:
                 evaluated = True  # whether iteration it's evaluation, if it has one, is done
@@ -555,10 +564,13 @@ class _Run:
                     stopped_by = self._agreed_stop()
                 if stopped_by:
                     break
+            if (stopped_by and it == self.start_iter  # rank 0 tells every rank whether it wrote
+                    and not distributed.any_rank(self.wrote, self.device)):
+                raise Stopped(stopped_by)
             if stopped_by:
                 payload = self.checkpoint(it, evaluated)
                 if payload is not None:
-                    save_checkpoint(self.out_dir / "last.pt", payload)
+                    self._save("last.pt", payload)
         finally:
             for hook in self.hooks:
                 hook.remove()
@@ -600,15 +612,6 @@ def _checks_between_layers(model: LanguageModel, check) -> list:
         for part in (block.attn, block.mlp):
             handles += [part.register_forward_pre_hook(before), part.register_forward_hook(after)]
     return handles
-
-
-def _threads_words(tuner: ThreadTuner | None) -> str:
-    """The CPU threads torch uses, or those the run chooses among by timing."""
-    *more, fewest = map(str, tuner.counts if tuner else [1])
-    if more:
-        return (f"{', '.join(more)} or {fewest} threads, whichever times faster (--threads N "
-                "fixes the count)")
-    return plural(torch.get_num_threads())
 
 
 def _diverged_message(it: int, out_dir: Path, lr: float) -> str:
