@@ -1,7 +1,10 @@
-"""Checkpoints: written atomically, read back without executing code.
+"""Checkpoints: written atomically, read back without executing code, checked before use.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts saved with
 `torch.save` and loaded with `weights_only=True`, so loading one never unpickles arbitrary objects.
+A file can still be malformed, by damage or by design: its weights are checked against the model
+its config describes (`load_checkpoint`), and its training state against the optimizer and
+random streams it goes into (`check_training_state`), before any of it is loaded.
 """
 
 from __future__ import annotations

@@ -269,6 +269,7 @@ class _Run:
         self.data, self.stop = data, stop  # the corpus record for checkpoints; the StopRequest
         self.out_dir = Path(cfg.out_dir)
         self.wrote = ckpt is not None  # whether out_dir holds this run's checkpoints
+        self.replacing: list[str] = []  # an earlier run's, removed at the first write (_save)
         self.amp_dtype, amp_words = ops.precision(device)
         memory.check_fits(device, model_cfg, cfg.batch_size, len(text), self.amp_dtype is not None)
         self.backend, why = self._choose_backend(ckpt)
@@ -452,7 +453,7 @@ class _Run:
         payload = self.checkpoint(it, evaluated=True)
         diverged = losses is not None and not all(map(math.isfinite, losses.values()))
         if distributed.any_rank(diverged, self.device):
-            raise UserError(_diverged_message(it, self.out_dir, self.cfg.lr))
+            raise UserError(_diverged_message(it, self.out_dir, self.cfg.lr, self.wrote))
         if losses is None:
             return None, not self.ctx.is_main
         improved = losses["val"] < self.best_val
@@ -558,7 +559,7 @@ class _Run:
                 if at_log:
                     loss_value = loss.item()
                     if distributed.any_rank(not math.isfinite(loss_value), self.device):
-                        raise UserError(_diverged_message(it, self.out_dir, cfg.lr))
+                        raise UserError(_diverged_message(it, self.out_dir, cfg.lr, self.wrote))
                     self.progress.update(it, loss_value)
                 if at_log or not self.ctx.enabled:  # ranks agree on stopping at log steps
                     stopped_by = self._agreed_stop()
@@ -614,6 +615,8 @@ def _checks_between_layers(model: LanguageModel, check) -> list:
     return handles
 
 
-def _diverged_message(it: int, out_dir: Path, lr: float) -> str:
-    return (f"loss is not finite at iteration {it}: training diverged; the last good "
-            f"checkpoint is kept in {out_dir}/ (try a learning rate below {lr:g})")
+def _diverged_message(it: int, out_dir: Path, lr: float, wrote: bool) -> str:
+    kept = (f"the last good checkpoint is kept in {out_dir}/" if wrote
+            else "nothing was written")
+    return (f"loss is not finite at iteration {it}: training diverged; {kept} (try a learning "
+            f"rate below {lr:g})")
