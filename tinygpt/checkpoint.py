@@ -23,8 +23,9 @@ from typing import BinaryIO
 import torch
 
 from .config import ModelConfig, TrainConfig
-from .errors import UserError, os_reason
+from .errors import UserError, first_line, os_reason
 from .model import build_model
+from .optim import expected_state
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "train_config", "model", "iteration", "vocab")
@@ -148,7 +149,7 @@ def _load_failure(e: Exception) -> str:
         what = found[1]
         return (f"holds an object tinygpt does not load ({what}); only tensors, numbers, "
                 "strings, lists and dicts are read, and nothing in the file was run")
-    reason = text.strip().split("\n")[0].split(". ")[0] or type(e).__name__
+    reason = first_line(e).split(". ")[0]
     return f"is corrupt or truncated ({reason})"
 
 
@@ -178,9 +179,9 @@ def _describe(t: torch.Tensor) -> str:
 
 
 def check_training_state(ckpt: dict, path: Path, optimizer: torch.optim.Optimizer,
-                         expected_state, device: torch.device) -> None:
+                         device: torch.device) -> None:
     """UserError unless `ckpt` holds training state that fits what will consume it, checked
-    before any of it is loaded: the optimizer's per-parameter state (`expected_state(param)`:
+    before any of it is loaded: the optimizer's per-parameter state (`optim.expected_state`:
     each tensor's name, shape and whether it may be negative) in the optimizer's layout of
     parameter groups, random-number states each generator accepts, a best loss and flags of
     their types. A malformed tensor reaching a fused optimizer kernel can crash the process."""
@@ -198,11 +199,11 @@ def check_training_state(ckpt: dict, path: Path, optimizer: torch.optim.Optimize
         raise bad(f"best_val_loss ({best!r:.40})")
     if not isinstance(ckpt["evaluated"], bool):
         raise bad(f"evaluated flag ({ckpt['evaluated']!r:.40})")
-    _check_optimizer(ckpt["optimizer"], optimizer, expected_state, bad)
+    _check_optimizer(ckpt["optimizer"], optimizer, bad)
     _check_rng(ckpt["rng"], device, bad)
 
 
-def _check_optimizer(saved, optimizer, expected_state, bad) -> None:
+def _check_optimizer(saved, optimizer, bad) -> None:
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
             and isinstance(saved.get("param_groups"), list)
             and all(isinstance(g, dict) for g in saved["param_groups"])):
@@ -247,5 +248,4 @@ def _check_rng(rng, device: torch.device, bad) -> None:
         try:
             torch.Generator(device=on).set_state(state)
         except (RuntimeError, TypeError) as e:
-            reason = str(e).split("\n")[0]
-            raise bad(f"random-number state ({what}: {reason})") from e
+            raise bad(f"random-number state ({what}: {first_line(e)})") from e

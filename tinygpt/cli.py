@@ -24,7 +24,7 @@ from .config import (
     params_words,
     refuse_unused,
 )
-from .errors import Stopped, UserError
+from .errors import Stopped, UserError, first_line
 from .launch import JOIN_TIMEOUT_S, Context, from_environment
 from .threads import (
     ThreadTuner,
@@ -361,8 +361,7 @@ def cmd_torchrun(args: argparse.Namespace) -> int:
     except SignalException as e:  # torchrun passed it on to the processes, which saved
         return 128 + e.sigval
     except Exception as e:  # torchrun's own failure: a rendezvous that timed out, say
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"torchrun could not run the job ({reason})") from e
+        raise UserError(f"torchrun could not run the job ({first_line(e)})") from e
     return 0
 
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .launch import Context, address
 
 WAIT_NOTICE_S = 5.0  # a wait longer than this is announced
@@ -42,10 +42,9 @@ def start(ctx: Context, device: torch.device, join_timeout: float) -> None:
         store, _, _ = next(dist.rendezvous("env://", ctx.rank, ctx.world_size,
                                            timeout=timedelta(seconds=join_timeout)))
     except (RuntimeError, ValueError) as e:  # torch's DistError family: timed out, refused
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"the {ctx.world_size} processes of the job did not all meet at "
-                        f"{host}:{port} within {join_timeout:g} s ({reason:.160}); start every "
-                        "process (torchrun does), or allow longer with --join-timeout") from e
+                        f"{host}:{port} within {join_timeout:g} s ({first_line(e):.160}); start "
+                        "every process (torchrun does), or allow longer with --join-timeout") from e
     finally:
         notice.cancel()
     store.set_timeout(timedelta(seconds=COLLECTIVE_TIMEOUT_S))

@@ -14,6 +14,12 @@ class Stopped(Exception):
         self.signum = signum
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of `e`'s message (torch's often run to a page), or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def os_reason(e: BaseException) -> str:
     """The operating-system reason behind `e` ('No space left on device'), searching the
     exceptions it was raised from: torch reports a failed write as a RuntimeError caused by one."""

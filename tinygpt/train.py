@@ -25,7 +25,7 @@ from .config import ModelConfig, TrainConfig, from_preset, params_words
 from .data import SHAKESPEARE_SHA256, Batches, Tokenizer, default_corpus, read_corpus
 from .errors import Stopped, UserError
 from .model import LanguageModel, attention_shape, build_model
-from .optim import expected_state, load_state, lr_at, make_optimizer
+from .optim import load_state, lr_at, make_optimizer
 from .rundir import OutDirLock, existing_checkpoints
 from .signals import StopRequest
 from .threads import ThreadTuner, count_kept, describe
@@ -270,6 +270,7 @@ class _Run:
         self.out_dir = Path(cfg.out_dir)
         self.wrote = ckpt is not None  # whether out_dir holds this run's checkpoints
         self.replacing: list[str] = []  # an earlier run's, removed at the first write (_save)
+        self.oom_advice = memory.advice(model_cfg, cfg.batch_size)  # for every step's guard
         self.amp_dtype, amp_words = ops.precision(device)
         memory.check_fits(device, model_cfg, cfg.batch_size, len(text), self.amp_dtype is not None)
         self.backend, why = self._choose_backend(ckpt)
@@ -370,8 +371,7 @@ class _Run:
     def _out_of_memory_reported(self, doing: str):
         kept = (f"the checkpoints in {self.out_dir}/ are kept" if self.wrote
                 else "nothing was written")
-        return memory.reported(self.device, doing,
-                               memory.advice(self.model_cfg, self.cfg.batch_size), kept)
+        return memory.reported(self.device, doing, self.oom_advice, kept)
 
     def _try_step(self) -> None:
         """A forward and backward pass on a batch of zeros before anything is written, so that a
@@ -389,7 +389,7 @@ class _Run:
 
     def _restore(self, ckpt: dict, path: Path) -> None:
         """Everything is checked against what it goes into before any of it is loaded."""
-        check_training_state(ckpt, path, self.optimizer, expected_state, self.device)
+        check_training_state(ckpt, path, self.optimizer, self.device)
         self.model.load_state_dict(ckpt["model"])  # checked by load_checkpoint
         load_state(self.optimizer, ckpt["optimizer"])
         self.start_iter, self.best_val = ckpt["iteration"], float(ckpt["best_val_loss"])
