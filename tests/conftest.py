@@ -35,31 +35,40 @@ if not torch.cuda.is_available():
 from tinygpt.kernels.gpu import interpreted  # noqa: E402 (after TRITON_INTERPRET is set)
 
 
-def _exact_bf16_dots() -> None:
+def _tensor_core_dots() -> None:
     """Triton's interpreter multiplies the raw 16-bit patterns of bf16 `tl.dot` operands as if
-    they were integers (triton-lang/triton#11584, declined upstream). This harness, never the
-    product, widens them to the fp32 values they stand for first (exact: a bf16 is the top half
-    of an fp32), so the bf16 kernels run here; tests/test_attention.py says what that covers."""
+    they were integers (triton-lang/triton#11584, declined upstream), and multiplies fp32 ones in
+    full precision whatever `input_precision` asks. This harness, never the product, makes its
+    dots read operands as tensor cores do: bf16 widened to the fp32 values they stand for (exact:
+    a bf16 is the top half of an fp32), so the bf16 kernels run here; and fp32 cut to tf32's 10
+    mantissa bits where a dot asks for tf32, so that a kernel which would lose fp32 precision on a
+    GPU loses it here too. tests/test_attention.py says what this covers."""
     import numpy as np
     import triton.language as tl
+    from triton._C.libtriton import ir
     from triton.runtime import interpreter
 
     dot = interpreter.InterpreterBuilder.create_dot
 
-    def widened(t):
-        if t.dtype.scalar != tl.bfloat16:
+    def as_tensor_cores_read(t, input_precision):
+        if t.dtype.scalar == tl.bfloat16:
+            bits = t.data.astype(np.uint32) << 16  # (..., K) the fp32 bit patterns
+        elif t.dtype.scalar == tl.float32 and input_precision == ir.INPUT_PRECISION.TF32:
+            bits = t.data.view(np.uint32) & np.uint32(0xFFFFE000)  # 13 low mantissa bits gone
+        else:
             return t
-        return interpreter.TensorHandle((t.data.astype(np.uint32) << 16).view(np.float32),
-                                        tl.float32)
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+        return dot(self, as_tensor_cores_read(a, input_precision),
+                   as_tensor_cores_read(b, input_precision), d, input_precision,
+                   max_num_imprecise_acc)
 
     interpreter.InterpreterBuilder.create_dot = create_dot
 
 
 if interpreted():
-    _exact_bf16_dots()
+    _tensor_core_dots()
 # Every Python process the tests start prints each thread's stack when it is sent SIGABRT.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 

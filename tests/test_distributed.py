@@ -65,13 +65,18 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path, corpus_path, run_co
     assert_same_weights(two["model"], load_checkpoint(tmp_path / "one" / "last.pt")["model"])
     assert abs(two["best_val_loss"] - single["best_val_loss"]) < 1e-5
 
-    # The two-process checkpoint continues in one process exactly as the one-process run does.
+    # The two-process checkpoint continues in one process exactly as the one-process run does,
+    # its evaluation batches drawn on from where rank 0's evaluations left off.
     resumed = train("cpu-baby", {"max_iters": 9, "out_dir": str(tmp_path / "two")},
                     data=str(corpus_path), resume=True)
     reference = train("cpu-baby", {"max_iters": 9, "out_dir": str(tmp_path / "one")},
                       data=str(corpus_path), resume=True)
     assert resumed["steps"] == reference["steps"] == 3
     assert_same_weights(resumed["model"].state_dict(), reference["model"].state_dict())
+    (final,), (expected,) = resumed["history"], reference["history"]
+    assert final["iter"] == expected["iter"] == 9
+    assert final["val"] == pytest.approx(expected["val"], abs=1e-5)
+    assert final["train"] == pytest.approx(expected["train"], abs=1e-5)
 
 
 def _join_job(rank: int, port: int) -> None:

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import tinygpt.generate
+from tinygpt.checkpoint import save_checkpoint
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig
 from tinygpt.data import Tokenizer
@@ -18,6 +20,14 @@ def model_for_generation(block_size=24, backend="torch", dtype=torch.float64, vo
     with torch.no_grad():  # sharper distributions than the near-uniform init
         for p in model.parameters():
             p.mul_(6.0) if p.dim() == 2 else None
+    return model
+
+
+def saved_for_sampling(path, vocab: str, **kw) -> GPT:
+    """`model_for_generation` over `vocab`, saved as a checkpoint at `path` for `tinygpt sample`."""
+    model = model_for_generation(dtype=torch.float32, vocab_size=len(vocab), **kw)
+    save_checkpoint(path, {"model_config": vars(model.config), "train_config": {},
+                           "iteration": 0, "model": model.state_dict(), "vocab": vocab})
     return model
 
 
@@ -71,6 +81,25 @@ def test_shift_mode_context_sizes_follow_the_schedule(monkeypatch):
     # a full prompt: prefill 16, then a shift to the newest 8 and one-token steps up to 16 again
     assert sizes[:3] == [(0, 16), (0, 8), (8, 1)]
     assert sizes.count((0, 8)) == 3 and all(t == 1 for start, t in sizes if start)
+
+
+def test_shift_mode_predicts_from_the_newest_characters(monkeypatch):
+    """Each step's logits are the uncached model's on the newest characters of the text, as many
+    as the schedule keeps: the prompt, one more a step up to block_size, then the newest
+    block_size / 2 after each shift."""
+    model = model_for_generation(block_size=16)
+    seen = []
+    draw = tinygpt.generate.sample_next
+    monkeypatch.setattr(tinygpt.generate, "sample_next",
+                        lambda logits, *args: seen.append(logits) or draw(logits, *args))
+    out = run(model, torch.randint(0, 13, (2, 10)), 40, "shift")  # (2, 50)
+    context = 10
+    for step, logits in enumerate(seen):
+        end = 10 + step  # the characters known when this token was drawn
+        expected = model(out[:, end - context:end])[0][:, -1]  # (2, V)
+        torch.testing.assert_close(logits, expected, msg=f"step {step}, context {context}")
+        context = context + 1 if context < 16 else 8
+    assert len(seen) == 40
 
 
 def test_bigram_generation_ignores_the_cache():
@@ -128,15 +157,10 @@ def test_generation_runs_attention_in_bf16_on_cuda(monkeypatch):
 
 
 def test_sample_command_streams_exactly_the_generated_text(tmp_path, capsys):
-    from tinygpt.checkpoint import save_checkpoint
-
     """What the command prints is generate()'s text at the command's default temperature, 0.8:
     the model's sharp distributions make another temperature give other text."""
     vocab = "\n !',.:;?abcdefghijklmnopqrstuvwxyz"
-    model = model_for_generation(block_size=32, dtype=torch.float32, vocab_size=len(vocab))
-    save_checkpoint(tmp_path / "best.pt", {
-        "model_config": vars(model.config), "train_config": {}, "iteration": 0,
-        "model": model.state_dict(), "vocab": vocab})
+    model = saved_for_sampling(tmp_path / "best.pt", vocab, block_size=32)
     args = ["sample", "--out-dir", str(tmp_path), "--prompt", "to be", "--max-new-tokens", "80",
             "--seed", "3", "--device", "cpu"]
     assert main(args) == 0
@@ -160,16 +184,20 @@ def test_temperature_divides_the_logits_before_the_softmax(temperature):
 
 @pytest.mark.parametrize("temperature", [1e-3, 1e-45, 1e-320])
 def test_temperature_near_zero_picks_the_most_likely(temperature):
-    """Down to the smallest doubles (float32 cannot hold 1e-45 / 1e-320): no inf / inf, no NaN."""
-    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [-4.0, -3.0, -3.5, -9.0]])
+    """Down to the smallest doubles (float32 cannot hold 1e-45 / 1e-320), and with logits large
+    enough that dividing them first would overflow to inf: no inf - inf, no NaN."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [-4.0, -3.0, -3.5, -9.0],
+                           [60.0, 90.0, -90.0, 89.0]])
     probs = next_token_probs(logits, temperature)
-    torch.testing.assert_close(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
-    assert sample_next(logits, temperature).flatten().tolist() == [1, 1]
+    torch.testing.assert_close(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 3))
+    assert sample_next(logits, temperature).flatten().tolist() == [1, 1, 1]
 
 
-@pytest.mark.parametrize("top_p,kept", [(0.49, 1), (0.51, 2), (0.74, 2), (0.76, 3), (0.99, 4)])
+@pytest.mark.parametrize("top_p,kept", [(0.49, 1), (0.5, 1), (0.51, 2), (0.74, 2), (0.75, 2),
+                                        (0.76, 3), (0.875, 3), (0.99, 4)])
 def test_top_p_keeps_the_smallest_set_that_reaches_p(top_p, kept):
-    """Probabilities 1/2, 1/4, 1/8, 1/8: the set whose mass first reaches top_p, not one more."""
+    """Probabilities 1/2, 1/4, 1/8, 1/8 (exact in binary, as are their running sums): the set
+    whose mass first reaches top_p, not one more, also when a running sum equals it exactly."""
     probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]])
     out = next_token_probs(probs.log(), top_p=top_p)
     order = [1, 3, 0, 2]  # most likely first
@@ -178,15 +206,21 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p(top_p, kept):
     torch.testing.assert_close(out, expected)
 
 
-def test_every_sample_flag_reaches_the_sampler(tmp_path, capsys, monkeypatch):
-    import tinygpt.generate
-    from tinygpt.checkpoint import save_checkpoint
+def test_each_sample_is_new_text(tmp_path, capsys):
+    """--num-samples draws its samples one after another from one seeded generator: they differ
+    from each other, and the first is the text one sample with that seed gives."""
+    saved_for_sampling(tmp_path / "best.pt", "\n !',.:;?abcdefghijklmnopqrstuvwxyz", block_size=32)
+    args = ["sample", "--out-dir", str(tmp_path), "--prompt", "to be", "--max-new-tokens", "40",
+            "--temperature", "1.0", "--seed", "5", "--device", "cpu"]
+    assert main(args + ["--num-samples", "3"]) == 0
+    samples = capsys.readouterr().out.split("-" * 40 + "\n")
+    assert len(samples) == 3 and len(set(samples)) == 3, samples
+    assert main(args) == 0
+    assert capsys.readouterr().out == samples[0]
 
-    vocab = "abcdefghijklm"
-    model = model_for_generation(dtype=torch.float32)
-    save_checkpoint(tmp_path / "mine.pt", {
-        "model_config": vars(model.config), "train_config": {}, "iteration": 0,
-        "model": model.state_dict(), "vocab": vocab})
+
+def test_every_sample_flag_reaches_the_sampler(tmp_path, capsys, monkeypatch):
+    saved_for_sampling(tmp_path / "mine.pt", "abcdefghijklm")
     runs, draws = [], []
     real_generate, real_sample_next = tinygpt.generate.generate, tinygpt.generate.sample_next
 

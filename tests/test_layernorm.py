@@ -9,6 +9,7 @@ Rule: max |kernel - fp64 reference| <= 2 * max |PyTorch in the same dtypes - fp6
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from tinygpt.kernels import layernorm
 from tinygpt.kernels.layernorm import ROW_IN_REGISTERS, add_layer_norm, layer_norm
 from tinygpt.kernels.reference import layer_norm_reference
@@ -187,10 +188,24 @@ def test_backward_is_deterministic(N):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("N", [2, WIDE + 1], ids=["in registers", "column tiles"])
 @pytest.mark.parametrize("norm", [layer_norm, layer_norm_reference])
-def test_eps_is_used(norm):
-    x = torch.tensor([[1.0, -1.0]], device=DEVICE)
-    torch.testing.assert_close(norm(x, None, None, eps=3.0), x / 2.0)  # var 1, rstd 1/sqrt(1+3)
+def test_eps_is_used(norm, N):
+    """A row of +1 and -1 (mean 0, variance 1) with eps 3 is halved; a constant row (variance
+    0) under the default eps comes out as the bias, not NaN."""
+    x = torch.ones(2, N, device=DEVICE)
+    x[0, 1::2] = -1.0
+    torch.testing.assert_close(norm(x[:1], None, None, eps=3.0), x[:1] / 2.0)  # rstd 1/sqrt(1+3)
+    w, b = torch.randn(2, N, device=DEVICE)
+    torch.testing.assert_close(norm(x[1:], w, b), b[None, :])
+
+
+def test_weight_and_bias_gradients_summed_over_many_programs(monkeypatch):
+    """The backward spreads rows over up to 4 programs per SM (528 on an H100), whose dw, db
+    partials a second launch sums 16 at a time: here one program per 2 rows, 34 in all."""
+    monkeypatch.setattr(layernorm, "_row_groups",
+                        lambda M, block_m, tiles, device: triton.cdiv(M, block_m))
+    _check_against_reference((MANY_ROWS, 1531), torch.float32, "weight+bias")
 
 
 @pytest.mark.parametrize(

@@ -268,12 +268,14 @@ def test_unreadable_inputs_are_one_line(tmp_path, capsys, corpus_path, monkeypat
     _one_line_error(rc, err, f"cannot read checkpoint {tmp_path}/out/last.pt (Is a directory)")
 
 
-def test_resume_finds_its_data_and_notices_a_change(tmp_path, corpus_path):
-    """A checkpoint names its text (path and sha256): --resume needs no --data, and refuses a
-    changed or missing text unless told otherwise."""
+def test_resume_finds_its_data_and_notices_a_change(tmp_path, corpus_path, monkeypatch):
+    """A checkpoint names its text (its absolute path and sha256): --resume needs no --data, from
+    any directory, and refuses a changed or missing text unless told otherwise."""
     text = tmp_path / "text.txt"
     text.write_bytes(corpus_path.read_bytes())
-    tiny_run(tmp_path, text, max_iters=2, eval_interval=2)
+    monkeypatch.chdir(tmp_path)
+    tiny_run(tmp_path, "text.txt", max_iters=2, eval_interval=2)  # --data given relative
+    monkeypatch.chdir(tmp_path / "out")
     out = str(tmp_path / "out")
     assert train("cpu-baby", {"out_dir": out, "max_iters": 4}, resume=True,
                  log_interval=1000)["iterations"] == 4

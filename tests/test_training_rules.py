@@ -45,7 +45,9 @@ def _record_steps(monkeypatch):
         def before_step(opt, args, kwargs):
             grads = [p.grad for group in opt.param_groups for p in group["params"]]
             norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
-            steps.append((opt.param_groups[0]["lr"], norm))
+            # a fused optimizer is handed a GradScaler's scale and takes it out itself
+            scale = getattr(opt, "grad_scale", None)
+            steps.append((opt.param_groups[0]["lr"], norm / (1 if scale is None else scale.item())))
 
         optimizer.register_step_pre_hook(before_step)
         return optimizer
@@ -65,6 +67,70 @@ def test_steps_follow_the_schedule_and_clipping_bounds_the_gradient_norm(
     steps.clear()
     tiny_run(tmp_path / "free", small_text_file, max_iters=6, eval_interval=6, grad_clip=0.0)
     assert max(norm for _, norm in steps) > 0.2  # so the bound above was the clipping's doing
+
+
+def test_clipping_bounds_the_true_gradients_under_a_grad_scaler(tmp_path, small_text_file,
+                                                               monkeypatch):
+    """fp16 autocast (GPUs before sm_80; the CPU has a GradScaler too) scales the loss by 2**16
+    for the backward pass and a GradScaler takes the scale out again: the optimizer must step on
+    the true gradients clipped to grad_clip, not on clipped scaled ones shrunk by the scale."""
+    monkeypatch.setattr(train_mod.ops, "precision",
+                        lambda device: (torch.float16, "fp16 autocast + GradScaler"))
+    scalers = []
+
+    class Watched(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            scalers.append(self)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Watched)
+    steps = _record_steps(monkeypatch)
+    tiny_run(tmp_path, small_text_file, max_iters=4, eval_interval=4, grad_clip=0.05)
+    assert scalers[0].is_enabled() and scalers[0].get_scale() == 2**16
+    assert len(steps) == 4 and all(norm <= 0.05 * (1 + 1e-3) for _, norm in steps), steps
+    assert max(norm for _, norm in steps) >= 0.05 * (1 - 1e-3), steps
+
+
+def test_the_logged_loss_is_the_mean_over_micro_batches(tmp_path, small_text_file, monkeypatch):
+    """With --grad-accum 3 the progress line shows each step's loss: the mean of its three
+    micro-batches' losses, not their sum."""
+    micro, logged, in_step = [], [], []
+    forward = GPT.forward
+
+    def forward_watched(self, idx, targets=None, cache=None):
+        logits, loss = forward(self, idx, targets, cache)
+        if in_step:
+            micro.append(loss.item())
+        return logits, loss
+
+    step = train_mod._Run.step
+
+    def step_watched(self, it):
+        in_step.append(it)
+        try:
+            return step(self, it)
+        finally:
+            in_step.clear()
+
+    monkeypatch.setattr(GPT, "forward", forward_watched)
+    monkeypatch.setattr(train_mod._Run, "step", step_watched)
+    monkeypatch.setattr(train_mod.Progress, "update", lambda self, it, loss: logged.append(loss))
+    train("cpu-baby", {**TINY, "out_dir": str(tmp_path), "max_iters": 4, "eval_interval": 4,
+                       "grad_accum": 3}, data=str(small_text_file), log_interval=1)
+    assert len(micro) == 12
+    assert logged == pytest.approx([sum(micro[i:i + 3]) / 3 for i in range(0, 12, 3)])
+
+
+def test_the_last_step_is_evaluated_and_saved_whatever_the_interval(tmp_path, small_text_file):
+    """--max-iters 7 with --eval-interval 3: evaluations at 0, 3, 6 and 7, and last.pt holds
+    step 7, evaluated, so that nothing trained is lost."""
+    summary = tiny_run(tmp_path, small_text_file, max_iters=7, eval_interval=3)
+    assert [h["iter"] for h in summary["history"]] == [0, 3, 6, 7]
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert (last["iteration"], last["evaluated"]) == (7, True)
+    assert last["best_val_loss"] == min(h["val"] for h in summary["history"])
+    weights = summary["model"].state_dict()
+    assert all(torch.equal(last["model"][k], weights[k]) for k in weights)
 
 
 def test_weight_decay_reaches_matrices_and_embeddings_only():

@@ -293,7 +293,7 @@ class _Run:
         self.hooks = _checks_between_layers(self.model, stop.check) if self.checks_within_step \
             else []
         self.optimizer = make_optimizer(self.model, cfg, device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout: a different stream on every rank
         self.start_iter, self.best_val = 0, math.inf
         self.skip_first_eval = False  # a resumed run's first evaluation may be done already

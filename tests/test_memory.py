@@ -1,0 +1,47 @@
+"""The memory check's estimate against what a training step really keeps for its backward pass."""
+
+import contextlib
+
+import pytest
+import torch
+
+from tinygpt import memory
+from tinygpt.config import ModelConfig
+from tinygpt.model import GPT
+
+
+def saved_for_backward(model: GPT, batch: int, autocast: torch.dtype | None) -> int:
+    """Bytes of the activations a training forward pass saves for backward: distinct storages,
+    without the parameters and their autocast copies (tensors of a parameter's shape)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {p.shape for p in model.parameters()}
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if t.is_floating_point() and storage.data_ptr() not in params and t.shape not in shapes:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    idx = torch.randint(0, model.config.vocab_size, (batch, model.config.block_size))
+    amp = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        model(idx, idx)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_the_estimate_is_a_lower_bound_that_autocast_lowers(dropout):
+    """A run is refused when the estimate exceeds the free memory, so it must not count more than
+    a step keeps: in fp32 or under 16-bit autocast (2 bytes a value, not 4), whose estimate is the
+    lower one, as what it keeps is. Nor may it be so low that the check never refuses."""
+    cfg = ModelConfig(vocab_size=37, block_size=29, n_layer=3, n_head=2, n_embd=48,
+                      dropout=dropout)
+    model = GPT(cfg, backend="torch")
+    fixed = cfg.num_params() * memory.BYTES_PER_PARAM  # weights, gradients, AdamW's moments
+    estimate, kept = {}, {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        estimate[name] = memory.training_bytes(cfg, 3, 0, autocast=dtype is not None) - fixed
+        kept[name] = saved_for_backward(model, 3, dtype)
+        assert kept[name] / 4 <= estimate[name] <= kept[name], (name, estimate[name], kept[name])
+    assert estimate["bf16"] < estimate["fp32"] and kept["bf16"] < kept["fp32"]
