@@ -9,6 +9,7 @@ dot multiplies their bit patterns). The kernels' bf16 loads, stores, casts (p an
 bf16 before their matmuls), masks and tiling are what run here; the products are exact, as a
 tensor core's are, but fp32 accumulation happens in numpy's order, not the tensor core's, and
 the yardstick is the CPU's SDPA, not the GPU's. Tensor-core numerics remain CUDA's to check.
+fp32 dots that ask for tf32 get operands cut to tf32 there, so fp32's "ieee" is checked here too.
 """
 
 import importlib

@@ -1,6 +1,7 @@
 """What each training option does, pinned by value: the learning-rate schedule, gradient
-clipping, which parameters decay, when best.pt is written, and evaluation leaving the training
-trajectory alone."""
+clipping (under a GradScaler too), which parameters decay, the loss the progress line shows, when
+the run evaluates and writes best.pt and last.pt, and evaluation leaving the training trajectory
+alone."""
 
 import math
 
