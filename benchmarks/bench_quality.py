@@ -1,44 +1,126 @@
-"""Train a preset on tiny Shakespeare and record the loss curve and the time to a target loss.
+"""Training quality: one run's loss curve and time to a target loss, or a sweep of optimizers and
+learning rates over seeds.
 
     python -m benchmarks.bench_quality --preset cpu-baby --target 1.95
     python -m benchmarks.bench_quality --preset shakespeare-char --target 1.47   # CUDA
+    python -m benchmarks.bench_quality --preset cpu-baby --sweep --adamw 1e-3 3e-3 5e-3 \\
+        --muon 0.01 0.02 0.04 --seeds 1 2 3 --jobs 2
 
-Writes OUT/<preset>-train-<device>-<date>.md with every evaluation (step, wall
-seconds, train and val loss), the best val loss, and the wall time at which the val loss first
-reached the target. Extra arguments after `--` go to `tinygpt train` as config overrides.
+A single run writes OUT/<preset>-train-<device>-<date>.md: every evaluation (step, wall seconds,
+train and val loss), the best val loss, and the wall time at which the val loss first reached the
+target. Extra config overrides go in `--set FIELD VALUE`.
+
+A sweep trains each configuration (AdamW at each `--adamw` rate; Muon at each `--muon` rate with
+AdamW at `--lr` for the other parameters) once per seed, `--jobs` runs at a time with the threads
+shared out among them. Then it times training steps of both optimizers side by side (interleaved
+in one process, at the runs' thread count) and writes OUT/<preset>-sweep[-<tag>]-<device>-<date>
+.md, .json (with every run's evaluations) and .svg: val loss at fixed steps, steps to the target
+(by default the mean final loss of AdamW at 1e-3, nanoGPT's recipe) and their time at the measured
+ms/step, mean and spread over seeds, and the mean loss curves. It checks its own results before
+writing them (`check_sweep`).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import io
+import math
+import multiprocessing
+import statistics
 import tempfile
+import time
 
-from benchmarks.report import SHARED_CORPUS, add_out_argument, environment, write_report
+import torch
+
+from benchmarks.bench_train import optimizer_steps
+from benchmarks.plot import line_plot
+from benchmarks.report import (
+    DEVICE_TAG,
+    SHARED_CORPUS,
+    add_out_argument,
+    environment,
+    write_report,
+)
+from tinygpt.config import from_preset
 from tinygpt.train import train
+
+PARITY_LR = 1e-3  # nanoGPT's AdamW rate: the sweep's default target is this config's final loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    optimizer: str
+    lr: float  # AdamW's, for every parameter or (muon) for those Muon does not take
+    muon_lr: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.optimizer == "muon":
+            return f"muon {self.muon_lr:g} (+ adamw {self.lr:g})"
+        return f"adamw {self.lr:g}"
+
+    def overrides(self) -> dict:
+        extra = {"muon_lr": self.muon_lr} if self.optimizer == "muon" else {}
+        return {"optimizer": self.optimizer, "lr": self.lr, **extra}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu-baby")
-    parser.add_argument("--target", type=float, default=1.95, help="val loss to reach")
+    parser.add_argument("--target", type=float, default=None,
+                        help="val loss to reach (single run default 1.95; sweep default: the "
+                             f"mean final loss of adamw at {PARITY_LR:g})")
     parser.add_argument("--data", default=str(SHARED_CORPUS) if SHARED_CORPUS.is_file() else None,
                         help="corpus (default: ../shared copy of tiny Shakespeare, else download)")
     add_out_argument(parser)
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
                         help="config override, e.g. --set eval_iters 50 (repeatable)")
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--sweep", action="store_true", help="sweep optimizers over seeds")
+    sweep.add_argument("--adamw", type=float, nargs="*", default=[], metavar="LR",
+                       help="AdamW learning rates")
+    sweep.add_argument("--muon", type=float, nargs="*", default=[], metavar="LR",
+                       help="Muon learning rates")
+    sweep.add_argument("--lr", type=float, default=PARITY_LR,
+                       help="AdamW's rate for what Muon does not take (default %(default)g)")
+    sweep.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    sweep.add_argument("--steps", type=int, default=None,
+                       help="max_iters (default: the preset's; warm-up and decay scale with it)")
+    sweep.add_argument("--evals", type=int, default=40, help="evaluations per run")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    sweep.add_argument("--timing", type=int, nargs=2, default=[12, 10],
+                       metavar=("ROUNDS", "STEPS"), help="side-by-side step timing: rounds, and "
+                       "steps a round (default: 12 10)")
+    sweep.add_argument("--tag", default=None,
+                       help="added to the report's name: OUT/<preset>-sweep-<tag>-<device>-<date>")
     args = parser.parse_args()
     overrides = {k: type_of(k)(v) for k, v in args.set}
+    if args.sweep:
+        configs = ([Config("adamw", lr) for lr in args.adamw]
+                   + [Config("muon", args.lr, lr) for lr in args.muon])
+        if not configs:
+            parser.error("--sweep needs learning rates: --adamw LR ... and/or --muon LR ...")
+        run_sweep(args, configs, overrides)
+    else:
+        single_run(args, overrides)
+
+
+def single_run(args: argparse.Namespace, overrides: dict) -> None:
+    target = 1.95 if args.target is None else args.target
     with tempfile.TemporaryDirectory() as out_dir:
         summary = train(args.preset, {**overrides, "out_dir": out_dir}, data=args.data,
                         log_interval=100)
-    reached = next((h for h in summary["history"] if h["val"] <= args.target), None)
+    reached = next((h for h in summary["history"] if h["val"] <= target), None)
     rows = [[h["iter"], f"{h['seconds']:.1f}", f"{h['train']:.4f}", f"{h['val']:.4f}"]
             for h in summary["history"]]
     notes = (
         f"- steps: {summary['steps']}, wall time: {summary['seconds']:.1f} s "
         f"(evaluations included), {summary['tokens_per_second']:,.0f} tokens/s\n"
         f"- best val loss: {summary['best_val_loss']:.4f}\n"
-        f"- val loss <= {args.target}: "
+        f"- val loss <= {target}: "
         + (f"first at step {reached['iter']}, {reached['seconds']:.1f} s" if reached
            else "not reached")
         + (f"\n- overrides: {overrides}" if overrides else "")
@@ -50,6 +132,144 @@ def main() -> None:
                  interrupted=bool(stopped))
     if stopped:
         raise SystemExit(128 + stopped)
+
+
+def _train_quietly(preset: str, data: str | None, overrides: dict, threads: int) -> dict:
+    """One run in a worker process, its progress lines kept out of the sweep's output."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as out_dir, \
+            contextlib.redirect_stderr(io.StringIO()):
+        summary = train(preset, {**overrides, "out_dir": out_dir}, data=data,
+                        log_interval=10**9)
+    return {"history": summary["history"], "seconds": summary["seconds"],
+            "steps": summary["steps"]}
+
+
+def steps_to(history: list[dict], target: float) -> int | None:
+    """The first evaluated step whose val loss is at most `target`; None if none is."""
+    return next((h["iter"] for h in history if h["val"] <= target), None)
+
+
+def check_sweep(results: dict[str, list[dict]], seeds: list[int], max_iters: int) -> None:
+    """SystemExit unless every config has a run per seed, each ran all `max_iters` steps with
+    finite losses, and all were evaluated at the same steps, ending at the last one."""
+    problems = []
+    steps = None
+    for label, runs in results.items():
+        if len(runs) != len(seeds):
+            problems.append(f"{label}: {len(runs)} runs for {len(seeds)} seeds")
+        for run in runs:
+            evaluated = [h["iter"] for h in run["history"]]
+            steps = steps or evaluated
+            if run["steps"] != max_iters or evaluated != steps or evaluated[-1] != max_iters:
+                problems.append(f"{label} seed {run['seed']}: ran {run['steps']} steps, "
+                                f"evaluated at {evaluated[:3]}...{evaluated[-1:]}")
+            if not all(math.isfinite(h[s]) for h in run["history"] for s in ("train", "val")):
+                problems.append(f"{label} seed {run['seed']}: a loss is not finite")
+    if problems:
+        raise SystemExit("the sweep's results do not hold together: " + "; ".join(problems))
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def sweep_table(results: dict[str, list[dict]], target: float, ms: dict[str, float],
+                at: list[int]) -> tuple[list[str], list[list[str]]]:
+    """One row a config: val loss at the steps `at` and steps and seconds to `target`."""
+    headers = (["config", "seeds"] + [f"val @ {s}" for s in at]
+               + [f"steps to {target:.4f} (each seed)", "ms/step", "tok/s", "s to target"])
+    rows = []
+    for label, runs in results.items():
+        reached = [steps_to(r["history"], target) for r in runs]
+        vals = [[next(h["val"] for h in r["history"] if h["iter"] == s) for r in runs]
+                for s in at]
+        mean_steps = statistics.mean(reached) if None not in reached else None
+        rows.append(
+            [label, str(len(runs))] + [_mean_sd(v) for v in vals]
+            + [(f"{mean_steps:.0f}" if mean_steps is not None else "not all reached")
+               + f" ({', '.join('-' if s is None else str(s) for s in reached)})",
+               f"{ms[label]:.2f}", f"{runs[0]['tokens_per_step'] / ms[label] * 1000:,.0f}",
+               f"{mean_steps * ms[label] / 1000:.1f}" if mean_steps is not None else "-"])
+    return headers, rows
+
+
+def run_sweep(args: argparse.Namespace, configs: list[Config], overrides: dict) -> None:
+    base = dict(overrides)
+    if args.steps is not None:
+        base["max_iters"] = args.steps
+    model_cfg, cfg = from_preset(args.preset, **base)
+    base.setdefault("eval_interval", max(1, cfg.max_iters // args.evals))
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    print(f"timing a step of each optimizer side by side ({threads} threads)", flush=True)
+    torch.set_num_threads(threads)
+    # the step time does not depend on the learning rates
+    timed = optimizer_steps(args.preset, {c.optimizer: ({**base, "optimizer": c.optimizer}, False)
+                                          for c in configs}, *args.timing)
+    ms = {c.label: statistics.median(timed[c.optimizer][0]) for c in configs}
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+    results: dict[str, list[dict]] = {c.label: [] for c in configs}
+    jobs = [(c, seed) for seed in args.seeds for c in configs]
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # a fresh torch in each worker
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        futures = {pool.submit(_train_quietly, args.preset, args.data,
+                               {**base, **c.overrides(), "seed": seed}, threads): (c, seed)
+                   for c, seed in jobs}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            config, seed = futures[future]
+            run = {**future.result(), "seed": seed, "tokens_per_step": tokens_per_step}
+            results[config.label].append(run)
+            print(f"[{done}/{len(jobs)}] {config.label} seed {seed}: val "
+                  f"{run['history'][-1]['val']:.4f} at step {run['steps']} ({run['seconds']:.0f} s;"
+                  f" {time.perf_counter() - started:.0f} s so far)", flush=True)
+    for runs in results.values():
+        runs.sort(key=lambda r: r["seed"])
+    check_sweep(results, args.seeds, cfg.max_iters)
+    parity = Config("adamw", PARITY_LR).label
+    target = args.target
+    if target is None:
+        if parity not in results:
+            raise SystemExit(f"no --target and no adamw {PARITY_LR:g} run to take it from")
+        target = statistics.mean(r["history"][-1]["val"] for r in results[parity])
+    interval = base["eval_interval"]
+    at = sorted({round(cfg.max_iters * f / interval) * interval for f in (0.25, 0.5)}
+                | {cfg.max_iters})
+    headers, rows = sweep_table(results, target, ms, at)
+    best = min(results, key=lambda k: statistics.mean(r["history"][-1]["val"]
+                                                      for r in results[k]))
+    preset_cfg = from_preset(args.preset)[1]
+    default = (Config("muon", preset_cfg.lr, preset_cfg.muon_lr) if preset_cfg.optimizer == "muon"
+               else Config("adamw", preset_cfg.lr)).label
+    name = f"{args.preset}-sweep" + (f"-{args.tag}" if args.tag else "")
+    env = environment()
+    notes = "\n".join([
+        f"- {len(jobs)} runs of {cfg.max_iters} steps ({tokens_per_step:,} tokens a step), "
+        f"evaluated every {interval} steps over {cfg.eval_iters} batches a split; {args.jobs} "
+        f"at a time, {threads} threads each, {time.perf_counter() - started:.0f} s in all",
+        f"- target: {target:.4f}" + (f", the mean final val loss of {parity}"
+                                     if args.target is None else ""),
+        f"- ms/step: median of {args.timing[0]} rounds of {args.timing[1]} steps, the optimizers "
+        "interleaved in one process "
+        f"(`bench_train.optimizer_steps`), {threads} threads; s to target = mean steps to target "
+        "x ms/step (evaluations left out)",
+        f"- best final val loss: {best}; the preset's default when this ran: {default}"
+        + ("" if best == default else " (**not the best measured here**)"),
+        f"- config overrides: {overrides}" if overrides else "",
+        f"- loss curves: {name}-{DEVICE_TAG}-{env['date'][:10]}.svg (mean over seeds)",
+    ])
+    path = write_report(args.out, name,
+                        f"Optimizer sweep: {args.preset} preset", headers, rows, env, notes,
+                        data={"ms_per_step": ms, "runs": results})
+    curves = {label: [(h["iter"], statistics.mean(r["history"][i]["val"] for r in runs))
+                      for i, h in enumerate(runs[0]["history"])]
+              for label, runs in results.items()}
+    finals = [c[-1][1] for c in curves.values()]
+    line_plot(path.with_suffix(".svg"), curves,
+              f"{args.preset}: val loss, mean of {len(args.seeds)} seeds",
+              "step", "val loss", (min(finals) - 0.05, max(finals) + 0.6))
+    print(f"wrote {path.with_suffix('.svg')}")
 
 
 def type_of(field_name: str):

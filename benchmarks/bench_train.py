@@ -1,13 +1,17 @@
-"""Training-step benchmark: forward + backward + clip + AdamW step on one batch, every backend,
-eager and under `torch.compile`; and, with --load, the CPU thread settings idle and busy.
+"""Training-step benchmark: forward + backward + clip + optimizer step on one batch, every
+backend, eager and under `torch.compile`; with --load, the CPU thread settings idle and busy; with
+--optimizers, AdamW against Muon (tinygpt's, and torch.optim.Muon) on one model.
 
     python -m benchmarks.bench_train [--steps N] [--quick] [--out DIR]   # table + report
     python -m benchmarks.bench_train --load [--quick] [--out DIR]        # CPU threads table
+    python -m benchmarks.bench_train --optimizers [--preset P] [--steps N] [--rounds R]
     pytest benchmarks/bench_train.py --benchmark-enable                  # pytest-benchmark
 
 On CUDA: the shakespeare-char preset at batch 64 under bf16 autocast; elsewhere: cpu-baby in fp32
-(the triton rows need CUDA). Steps run back to back as in training (no synchronisation between
-them; CUDA events around each group of steps), after a warm-up that includes compilation.
+(the triton rows need CUDA); the optimizer is the preset's. Steps run back to back as in training
+(no synchronisation between them; CUDA events around each group of steps), after a warm-up that
+includes compilation. --optimizers interleaves its rows round by round (each round N / R steps
+a row), and times the optimizer's share of each step apart.
 --load runs `tinygpt train --preset cpu-baby` and `tinygpt sample` as a user would, in a fresh
 process per thread setting (a wait policy is read once, when OpenMP starts), on an idle machine
 and with one core kept busy by another process (`benchmarks.load`). Goals (issue 45): the default
@@ -21,6 +25,8 @@ takes longer on the CPU than the rest of the suite's benchmarks together).
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import pytest
 import torch
@@ -39,7 +45,7 @@ from benchmarks.report import (
 from tinygpt.config import from_preset
 from tinygpt.model import build_model
 from tinygpt.ops import precision
-from tinygpt.optim import make_optimizer
+from tinygpt.optim import hidden_matrices, make_optimizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = "shakespeare-char" if DEVICE.type == "cuda" else "cpu-baby"
@@ -114,6 +120,78 @@ def goal(name: str, ms: dict[str, float]) -> str:
     return "; ".join(verdicts)
 
 
+# row -> (config overrides, whether torch.optim.Muon takes the place of tinygpt's Muon)
+OPTIMIZER_ROWS = {"adamw": ({"optimizer": "adamw"}, False),
+                  "muon": ({"optimizer": "muon"}, False),
+                  "torch.optim.Muon": ({"optimizer": "muon"}, True)}
+
+
+def optimizer_steps(preset: str, rows: dict[str, tuple[dict, bool]], rounds: int = 12,
+                    steps: int = 10, device: torch.device = DEVICE
+                    ) -> dict[str, tuple[list[float], list[float]]]:
+    """Per row (see OPTIMIZER_ROWS), the ms of a training step and of its optimizer step alone,
+    one value a round: each round times `steps` steps of every row in turn, after a round of
+    warm-up. Every row starts from the same weights and steps on the same batch."""
+    runs = {}
+    for label, (overrides, torch_muon) in rows.items():
+        model_cfg, cfg = from_preset(preset, **overrides)
+        torch.manual_seed(0)
+        model = build_model(model_cfg).to(device)
+        optimizer = make_optimizer(model, cfg, device)
+        if torch_muon:
+            optimizer.parts["muon"] = torch.optim.Muon(hidden_matrices(model), lr=cfg.muon_lr,
+                                                       weight_decay=cfg.weight_decay)
+        x, y = torch.randint(0, model_cfg.vocab_size, (2, cfg.batch_size, model_cfg.block_size),
+                             device=device)  # (B, T) each
+        runs[label] = (model, optimizer, x, y, cfg.grad_clip)
+    amp_dtype, _ = precision(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    times = {label: ([], []) for label in runs}
+    for r in range(rounds + 1):
+        for label, (model, optimizer, x, y, clip) in runs.items():
+            step_s = optimizer_s = 0.0
+            for _ in range(steps):
+                sync()
+                start = time.perf_counter()
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    _, loss = model(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                sync()
+                stepping = time.perf_counter()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sync()
+                end = time.perf_counter()
+                step_s, optimizer_s = step_s + end - start, optimizer_s + end - stepping
+            if r:  # round 0 warms up
+                times[label][0].append(1000 * step_s / steps)
+                times[label][1].append(1000 * optimizer_s / steps)
+    return times
+
+
+def optimizers_table(args: argparse.Namespace) -> None:
+    preset = args.preset or PRESET
+    per_round = max(1, args.steps // args.rounds)
+    timed = optimizer_steps(preset, OPTIMIZER_ROWS, args.rounds, per_round)
+    model_cfg, cfg = from_preset(preset)
+    tokens = cfg.batch_size * model_cfg.block_size
+    ms = {label: statistics.median(step) for label, (step, _) in timed.items()}
+    rows = [[label, f"{ms[label]:.2f}", f"{tokens / ms[label] * 1000:,.0f}",
+             f"{statistics.median(opt):.2f}", f"{ms[label] / ms['adamw']:.3f}x"]
+            for label, (_, opt) in timed.items()]
+    write_report(
+        args.out, f"optimizer_step-{preset}", f"Training step by optimizer, {preset} preset "
+        f"({DEVICE.type}, {torch.get_num_threads()} threads)",
+        ["optimizer", "ms/step", "tokens/s", "of which optimizer ms", "step vs adamw"], rows,
+        environment(),
+        notes=f"Medians over {args.rounds} rounds of {per_round} steps a row, the rows "
+              "interleaved round by round after a warm-up round; one batch of the preset's size, "
+              "the same initial weights. muon: Muon for the blocks' matrices, AdamW for the rest "
+              "(tinygpt.optim.Muon, or torch.optim.Muon in its place); ratio: this row's step "
+              "time over AdamW's.")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="timed steps per row")
@@ -123,7 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load", action="store_true",
                         help="the CPU thread settings, idle and with one core busy (see above)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="with --load: rounds over every setting (default: 3)")
+                        help="with --load or --optimizers: rounds over every setting or row "
+                             "(default: 3)")
+    parser.add_argument("--optimizers", action="store_true",
+                        help="AdamW against Muon on one model (see above)")
+    parser.add_argument("--preset", default=None,
+                        help=f"with --optimizers: the model (default: {PRESET})")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -132,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.load import thread_settings_table
 
         thread_settings_table(args.out, args.quick, args.rounds)
+        return
+    if args.optimizers:
+        optimizers_table(args)
         return
     steps = 10 if args.quick else args.steps
     repeats = min(5, steps)

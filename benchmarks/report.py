@@ -127,13 +127,14 @@ class Rows(list):
 def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: list[list[str]],
                  env: dict[str, str], notes: str = "",
                  providers: dict[str, str | None] | None = None,
-                 interrupted: bool = False) -> Path:
+                 interrupted: bool = False, data: dict | None = None) -> Path:
     """Print the table (unless its `Rows` showed it already) and write it, with the environment
     and what was compared, to OUT_DIR/NAME-DEVICE-DATE.md, plus the same content as .json for
     `tinygpt bench` to gather.
 
     providers: name -> None when it ran here, or the reason it could not. interrupted: the run
-    stopped early (Interruptible), which the notes then say first."""
+    stopped early (Interruptible), which the notes then say first. data: the raw measurements
+    the table was made from, kept in the .json only."""
     if interrupted:
         notes = f"**{INTERRUPTED}**" + (f"\n\n{notes}" if notes else "")
     table = markdown_table(headers, rows)
@@ -147,7 +148,8 @@ def write_report(out_dir: str, name: str, title: str, headers: list[str], rows: 
                     + (f"\n{notes}\n" if notes else ""))
     path.with_suffix(".json").write_text(json.dumps(
         dict(title=title, env=env, providers=providers or {}, headers=headers,
-             rows=[[str(c) for c in row] for row in rows], notes=notes, interrupted=interrupted),
+             rows=[[str(c) for c in row] for row in rows], notes=notes, interrupted=interrupted,
+             **({"data": data} if data is not None else {})),
         indent=1))
     print(f"wrote {path}")
     return path

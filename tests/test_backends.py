@@ -151,11 +151,18 @@ def test_model_traces_as_one_graph(backend):
 @pytest.mark.slow
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU path of the command line")
 def test_train_command_with_compile(tmp_path, small_text_file):
+    """A compiled model under both optimizers (Muon for its matrices): the optimizers step the
+    parameters the compiled module shares with the model."""
     summary = train("cpu-baby", dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4,
                                      max_iters=2, eval_interval=2, eval_iters=1, device="cpu",
-                                     backend="torch", compile=True, out_dir=str(tmp_path)),
+                                     backend="torch", compile=True, optimizer="muon",
+                                     out_dir=str(tmp_path)),
                     data=str(small_text_file))
     assert summary["steps"] == 2 and (tmp_path / "best.pt").is_file()
+    torch.manual_seed(1337)  # the preset's seed: the run's initial weights
+    start = GPT(summary["model"].config)
+    for name in ("blocks.0.mlp.fc.weight", "tok_emb.weight"):  # Muon's, AdamW's
+        assert not torch.equal(summary["model"].get_parameter(name), start.get_parameter(name))
 
 
 @pytest.mark.cuda

@@ -5,6 +5,7 @@ and `tinygpt bench` gathering one report. Speed itself is never asserted here.""
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_attention, bench_layernorm, tune_attention
+from benchmarks import bench_attention, bench_layernorm, bench_quality, tune_attention
 from benchmarks.report import Timing, table_line
 
 CUDA = torch.cuda.is_available()
@@ -371,3 +372,57 @@ def test_the_load_table_reads_what_tinygpt_prints(tmp_path, corpus_path):
     assert "busy: training 1.25x the time of the best fixed setting (--threads 1), sampling " \
            "1.11x (--threads 1); goal at most 1.15x: MISSED" in verdicts
     assert "val loss: the same in every run" in verdicts
+
+
+def _run(seed: int, vals: list[float], steps: int = 4) -> dict:
+    """A sweep run evaluated every 2 steps with val losses `vals`."""
+    history = [{"iter": 2 * i, "train": v, "val": v} for i, v in enumerate(vals)]
+    return {"seed": seed, "steps": steps, "history": history, "tokens_per_step": 1000}
+
+
+def test_the_sweep_refuses_results_that_do_not_hold_together():
+    good = {"a": [_run(1, [4.0, 3.0, 2.0]), _run(2, [4.0, 3.0, 2.5])]}
+    bench_quality.check_sweep(good, [1, 2], 4)
+    broken = {
+        "a seed missing": ({"a": good["a"][:1]}, "a: 1 runs for 2 seeds"),
+        "a run cut short": ({"a": [good["a"][0], _run(2, [4.0, 3.0], steps=2)]},
+                            "a seed 2: ran 2 steps, evaluated at [0, 2]"),
+        "a diverged run": ({"a": [good["a"][0], _run(2, [4.0, float("nan"), 2.0])]},
+                           "a seed 2: a loss is not finite"),
+    }
+    for results, needle in broken.values():
+        with pytest.raises(SystemExit, match=re.escape(needle)):
+            bench_quality.check_sweep(results, [1, 2], 4)
+
+
+def test_the_sweep_table_counts_steps_to_the_target_per_seed():
+    results = {"fast": [_run(1, [4.0, 1.8, 1.7]), _run(2, [4.0, 2.2, 1.9])],
+               "slow": [_run(1, [4.0, 2.5, 2.1]), _run(2, [4.0, 2.5, 1.95])]}
+    headers, rows = bench_quality.sweep_table(results, 2.0, {"fast": 20.0, "slow": 10.0}, [2, 4])
+    assert headers[2:] == ["val @ 2", "val @ 4", "steps to 2.0000 (each seed)", "ms/step",
+                           "tok/s", "s to target"]
+    assert rows[0] == ["fast", "2", "2.0000 ± 0.2828", "1.8000 ± 0.1414", "3 (2, 4)", "20.00",
+                       "50,000", "0.1"]
+    assert rows[1][4:] == ["not all reached (-, 4)", "10.00", "100,000", "-"]
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_its_table_and_curves(tmp_path, small_text_file, run_command):
+    """The sweep entry end to end on a tiny model: a row a config, the target taken from
+    AdamW at 1e-3, ms/step for both optimizers, and the loss curves."""
+    tiny = ["--set", "n_layer", "1", "--set", "n_head", "2", "--set", "n_embd", "16",
+            "--set", "block_size", "16", "--set", "batch_size", "4", "--set", "eval_iters", "2"]
+    proc = run_command([sys.executable, "-m", "benchmarks.bench_quality", "--sweep", "--steps",
+                        "6", "--evals", "3", "--adamw", "1e-3", "--muon", "0.02", "--seeds", "1",
+                        "2", "--jobs", "2", "--data", str(small_text_file), "--out",
+                        str(tmp_path), *tiny], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("] adamw 0.001 seed ") == 2
+    (report,) = tmp_path.glob("cpu-baby-sweep-*.json")
+    table = json.loads(report.read_text())
+    assert [row[0] for row in table["rows"]] == ["adamw 0.001", "muon 0.02 (+ adamw 0.001)"]
+    assert table["headers"][2:4] == ["val @ 2", "val @ 4"] and "val @ 6" in table["headers"]
+    assert all(float(row[-3]) > 0 for row in table["rows"])  # ms/step of each optimizer
+    assert "- target: " in table["notes"] and "mean final val loss of adamw 0.001" in table["notes"]
+    svg = report.with_suffix(".svg").read_text()
+    assert svg.count("<polyline") == 2 and "muon 0.02 (+ adamw 0.001)" in svg

@@ -92,6 +92,19 @@ BAD_ARGUMENTS = {
                                       "--n-layer, --n-embd do not apply to the bigram model"),
     "bigram model with dropout": (["train", "--model", "bigram", "--dropout", "0.1"],
                                   "--dropout does not apply to the bigram model"),
+    "muon on the bigram model": (["train", "--preset", "bigram", "--optimizer", "muon"],
+                                 "--optimizer muon trains the weight matrices inside transformer "
+                                 "blocks, and the bigram model (a vocab x vocab table) has none"),
+    "muon lr with adamw": (["train", "--optimizer", "adamw", "--muon-lr", "0.01"],
+                           "--muon-lr applies to --optimizer muon only, and this run's "
+                           "optimizer is adamw"),
+    "muon lr with a preset's adamw": (["train", "--preset", "bigram", "--muon-lr", "0.01"],
+                                      "--muon-lr applies to --optimizer muon only"),
+    "unknown optimizer": (["train", "--optimizer", "sgd"], "argument --optimizer: invalid choice"),
+    "muon lr negative": (["train", "--muon-lr", "-0.02"], "muon_lr must be positive, got -0.02"),
+    "weight decay past 1/muon lr": (["train", "--preset", "cpu-baby", "--optimizer", "muon",
+                                     "--muon-lr", "0.5", "--weight-decay", "2"],
+                                    "weight_decay (2) times muon_lr (0.5) must be below 1"),
     "sample with a training flag": (["sample", "--n-layer", "3"],
                                     "unrecognized arguments: --n-layer 3 (see `tinygpt sample "
                                     "--help`)"),
@@ -252,6 +265,12 @@ HOSTILE_CHECKPOINTS = {
     "config not a dict": (dict(model_config=[1, 2]), "has an unreadable model_config"),
     "lr nan": (dict(train_config={"lr": float("nan")}),
                "invalid train_config: lr must be a finite number"),
+    "unknown optimizer": (dict(train_config={"optimizer": "sgd"}),
+                          "invalid train_config: optimizer must be one of adamw, muon; got 'sgd'"),
+    "muon for a bigram": (dict(model_config={"model": "bigram"},
+                               train_config={"optimizer": "muon"}),
+                          "invalid train_config: --optimizer muon trains the weight matrices "
+                          "inside transformer blocks, and the bigram model"),
     "format version text": (dict(format_version="1"),
                             "is not a tinygpt checkpoint (format version '1')"),
     "negative iteration": (dict(iteration=-3), "has a malformed iteration (-3)"),

@@ -17,7 +17,8 @@ from tinygpt.checkpoint import load_checkpoint
 from tinygpt.train import train
 
 ARGS = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_accum=2,
-            dropout=0.0, eval_iters=2, lr=3e-3, warmup_iters=2, device="cpu", backend="torch")
+            dropout=0.0, eval_iters=2, lr=3e-3, warmup_iters=2, device="cpu", backend="torch",
+            optimizer="muon")
 
 
 def free_port() -> int:

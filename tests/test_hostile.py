@@ -25,7 +25,7 @@ from tinygpt.cli import main
 
 TINY = ["--preset", "cpu-baby", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
         "--block-size", "16", "--batch-size", "4", "--eval-iters", "2", "--device", "cpu",
-        "--backend", "torch", "--threads", "1"]
+        "--backend", "torch", "--threads", "1", "--optimizer", "muon"]
 
 
 def one_line(rc: int, err: str, needle: str) -> str:
@@ -38,7 +38,8 @@ def one_line(rc: int, err: str, needle: str) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus_path) -> dict:
-    """The payload of a tiny run's last.pt after two steps: optimizer state and every stream."""
+    """The payload of a tiny run's last.pt after two steps: the state of both optimizers (Muon
+    and AdamW) and every stream."""
     out = tmp_path_factory.mktemp("trained")
     assert main(["train", *TINY, "--data", str(corpus_path), "--max-iters", "2",
                  "--eval-interval", "1", "--out-dir", str(out)]) == 0
@@ -49,9 +50,10 @@ def trained(tmp_path_factory, corpus_path) -> dict:
 
 def hostile(trained: dict, out, change) -> bytes:
     """`trained` with `change(payload)` made, written to out/last.pt; returns its bytes."""
-    payload = {**trained, "optimizer": {"state": {i: dict(s) for i, s in
-                                                  trained["optimizer"]["state"].items()},
-                                        "param_groups": trained["optimizer"]["param_groups"]},
+    optimizer = {name: {"state": {i: dict(s) for i, s in part["state"].items()},
+                        "param_groups": part["param_groups"]}
+                 for name, part in trained["optimizer"].items()}
+    payload = {**trained, "optimizer": optimizer,
                "rng": {**trained["rng"], "batches": dict(trained["rng"]["batches"])}}
     change(payload)
     save_checkpoint(out / "last.pt", payload)
@@ -71,23 +73,39 @@ def _set(path: str, value):
 
 
 RESUMED = {
-    "exp_avg of 3 elements": (_set("optimizer.state.0.exp_avg", torch.zeros(3)),
-                              "exp_avg of parameter 0 is (3,) float32; expected ("),
-    "exp_avg as integers": (_set("optimizer.state.0.exp_avg", torch.zeros(3, dtype=torch.long)),
-                            "exp_avg of parameter 0 is (3,) int64; expected ("),
-    "exp_avg_sq negative": (lambda p: p["optimizer"]["state"][1].update(
-        exp_avg_sq=-p["optimizer"]["state"][1]["exp_avg_sq"] - 1),
+    "exp_avg of 3 elements": (_set("optimizer.adamw.state.0.exp_avg", torch.zeros(3)),
+                              "(adamw: exp_avg of parameter 0 is (3,) float32; expected ("),
+    "exp_avg as integers": (_set("optimizer.adamw.state.0.exp_avg",
+                                 torch.zeros(3, dtype=torch.long)),
+                            "(adamw: exp_avg of parameter 0 is (3,) int64; expected ("),
+    "exp_avg_sq negative": (lambda p: p["optimizer"]["adamw"]["state"][1].update(
+        exp_avg_sq=-p["optimizer"]["adamw"]["state"][1]["exp_avg_sq"] - 1),
         "exp_avg_sq of parameter 1 holds negative values"),
-    "exp_avg not finite": (lambda p: p["optimizer"]["state"][2].update(
-        exp_avg=p["optimizer"]["state"][2]["exp_avg"] * float("nan")),
+    "exp_avg not finite": (lambda p: p["optimizer"]["adamw"]["state"][2].update(
+        exp_avg=p["optimizer"]["adamw"]["state"][2]["exp_avg"] * float("nan")),
         "exp_avg of parameter 2 holds non-finite values"),
-    "step missing": (lambda p: p["optimizer"]["state"][0].pop("step"),
+    "step missing": (lambda p: p["optimizer"]["adamw"]["state"][0].pop("step"),
                      "parameter 0 has exp_avg, exp_avg_sq; expected exp_avg, exp_avg_sq, step"),
-    "state of a parameter the model lacks": (_set("optimizer.state.999", {}), "entry 999"),
-    "groups of another model": (_set("optimizer.param_groups", [{"params": [0, 1]}]),
-                                "its parameter groups are not this model's"),
+    "state of a parameter the model lacks": (_set("optimizer.adamw.state.999", {}),
+                                             "(adamw: entry 999)"),
+    "groups of another model": (_set("optimizer.adamw.param_groups", [{"params": [0, 1]}]),
+                                "(adamw: its parameter groups are not this model's)"),
+    "momentum of 3 elements": (_set("optimizer.muon.state.3.momentum_buffer", torch.zeros(3)),
+                               "(muon: momentum_buffer of parameter 3 is (3,) float32; "
+                               "expected (16, 64)"),
+    "momentum not finite": (lambda p: p["optimizer"]["muon"]["state"][0].update(
+        momentum_buffer=p["optimizer"]["muon"]["state"][0]["momentum_buffer"] / 0),
+        "(muon: momentum_buffer of parameter 0 holds non-finite values)"),
+    "AdamW's state for Muon's matrices": (_set("optimizer.muon.state.1", {
+        "step": torch.tensor(2.0), "exp_avg": torch.zeros(16, 16),
+        "exp_avg_sq": torch.zeros(16, 16)}),
+        "(muon: parameter 1 has exp_avg, exp_avg_sq, step; expected momentum_buffer)"),
+    "Muon's state missing": (lambda p: p["optimizer"].pop("muon"),
+                             "optimizer state (it holds adamw; this run steps adamw, muon)"),
+    "a part as a list": (_set("optimizer.muon", [1, 2]),
+                         "(muon: not a dict of state and param_groups)"),
     "optimizer as a list": (_set("optimizer", [1, 2]),
-                            "not a dict of state and param_groups"),
+                            "optimizer state (it holds list; this run steps adamw, muon)"),
     "torch stream of 3 bytes": (_set("rng.torch", [torch.zeros(3, dtype=torch.uint8)]),
                                 "random-number state (torch: Expected a CPUGeneratorImplState"),
     "batch stream of 3 bytes": (_set("rng.batches.0", torch.zeros(3, dtype=torch.uint8)),
@@ -147,9 +165,11 @@ def test_a_resumed_run_takes_its_optimizer_settings_from_its_options(tmp_path, t
     hostile(trained, tmp_path, lambda payload: None)
     assert main(["train", "--resume", "--out-dir", str(tmp_path), "--max-iters", "3",
                  "--weight-decay", "0.5", "--beta2", "0.95"]) == 0
-    groups = load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"]
+    saved = load_checkpoint(tmp_path / "last.pt")["optimizer"]
+    groups = saved["adamw"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
     assert {g["betas"] for g in groups} == {(0.9, 0.95)}
+    assert [g["weight_decay"] for g in saved["muon"]["param_groups"]] == [0.5]
 
 
 JOBS = {

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from tinygpt import memory
-from tinygpt.config import ModelConfig
+from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.model import GPT
+from tinygpt.optim import make_optimizer
 
 
 def saved_for_backward(model: GPT, batch: int, autocast: torch.dtype | None) -> int:
@@ -45,3 +46,21 @@ def test_the_estimate_is_a_lower_bound_that_autocast_lowers(dropout):
         kept[name] = saved_for_backward(model, 3, dtype)
         assert kept[name] / 4 <= estimate[name] <= kept[name], (name, estimate[name], kept[name])
     assert estimate["bf16"] < estimate["fp32"] and kept["bf16"] < kept["fp32"]
+
+
+def test_muon_needs_less_than_adamw_by_what_its_state_saves():
+    """Muon keeps one momentum where AdamW keeps two moments: the estimates differ by the bytes
+    the two optimizers' states differ by after a step."""
+    cfg = ModelConfig(vocab_size=37, block_size=29, n_layer=3, n_head=2, n_embd=48, bias=True)
+    model = GPT(cfg, backend="torch")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    state = {}
+    for optimizer in ("adamw", "muon"):
+        optimizers = make_optimizer(model, TrainConfig(optimizer=optimizer), torch.device("cpu"))
+        optimizers.step()
+        state[optimizer] = sum(t.nbytes for part in optimizers.parts.values()
+                               for s in part.state.values() for t in s.values() if t.dim())
+    estimate = {o: memory.training_bytes(cfg, 3, 0, autocast=False, optimizer=o)
+                for o in state}
+    assert estimate["adamw"] - estimate["muon"] == state["adamw"] - state["muon"] > 0

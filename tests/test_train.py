@@ -102,8 +102,9 @@ def test_checkpoint_bytes_reach_the_disk_before_its_name(tmp_path, monkeypatch):
     assert events == [("fsync", size), ("rename", size), "fsync dir"]
 
 
-def test_resume_continues_exactly(tmp_path, corpus_path):
-    schedule = dict(eval_interval=10, lr_decay_iters=30, dropout=0.1)  # one for both runs
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(tmp_path, corpus_path, optimizer):
+    schedule = dict(eval_interval=10, lr_decay_iters=30, dropout=0.1, optimizer=optimizer)
     full = tiny_run(tmp_path / "a", corpus_path, max_iters=30, **schedule)
     tiny_run(tmp_path / "b", corpus_path, max_iters=20, **schedule)
     assert load_checkpoint(tmp_path / "b" / "out" / "last.pt")["iteration"] == 20
@@ -116,6 +117,45 @@ def test_resume_continues_exactly(tmp_path, corpus_path):
     b = load_checkpoint(tmp_path / "b" / "out" / "last.pt")["model"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_keeps_its_optimizer(tmp_path, corpus_path, capsys):
+    """A Muon run resumed with AdamW (or the other way) is refused in one line: the state of one
+    is no start for the other. So is a Muon rate for a run of AdamW alone."""
+    for optimizer in ("adamw", "muon"):
+        tiny_run(tmp_path / optimizer, corpus_path, max_iters=2, eval_interval=2,
+                 optimizer=optimizer)
+    out = tmp_path / "muon" / "out"
+    before = (out / "last.pt").read_bytes()
+    rc, _, err = run_cli(capsys, "train", "--resume", "--out-dir", str(out), "--optimizer",
+                         "adamw", "--max-iters", "4")
+    _one_line_error(rc, err, "--optimizer adamw differs from the checkpoint's muon; a resumed "
+                             "run keeps the optimizer it was started with")
+    assert (out / "last.pt").read_bytes() == before
+    rc, _, err = run_cli(capsys, "train", "--resume", "--out-dir", str(tmp_path / "adamw" / "out"),
+                         "--muon-lr", "0.01", "--max-iters", "4")
+    _one_line_error(rc, err, "--muon-lr applies to --optimizer muon only, and this run's "
+                             "optimizer is adamw")
+    rc, _, _ = run_cli(capsys, "train", "--resume", "--out-dir", str(out), "--muon-lr", "0.01",
+                       "--optimizer", "muon", "--max-iters", "4")
+    assert rc == 0 and load_checkpoint(out / "last.pt")["train_config"]["muon_lr"] == 0.01
+
+
+def test_a_checkpoint_from_before_muon_resumes_as_it_would_have(tmp_path, corpus_path):
+    """Format 1 held one AdamW's state where format 2 holds a dict of optimizers: written in
+    the old layout, a run resumes exactly as from the new one."""
+    tiny_run(tmp_path / "new", corpus_path, max_iters=4, eval_interval=2, optimizer="adamw")
+    payload = torch.load(tmp_path / "new" / "out" / "last.pt", weights_only=True)
+    payload.update(format_version=1, optimizer=payload["optimizer"]["adamw"])
+    old = tmp_path / "old" / "out"
+    old.mkdir(parents=True)
+    torch.save(payload, old / "last.pt")
+    runs = [train("cpu-baby", {"max_iters": 6, "out_dir": str(d)}, data=str(corpus_path),
+                  resume=True, log_interval=1000) for d in (tmp_path / "new" / "out", old)]
+    assert [(h["iter"], h["train"], h["val"]) for h in runs[0]["history"]] == [
+        (h["iter"], h["train"], h["val"]) for h in runs[1]["history"]]
+    for name, weight in runs[0]["model"].state_dict().items():
+        assert torch.equal(weight, runs[1]["model"].state_dict()[name]), name
 
 
 def test_resume_rejects_other_model_or_data(tmp_path, corpus_path):

@@ -37,21 +37,30 @@ def test_learning_rate_schedule(it, expected):
 
 
 def _record_steps(monkeypatch):
-    """Each optimizer step's learning rate and the global norm of the gradients it applies."""
+    """Each step's learning rates (optimizer -> rate) and the global norm of the gradients the
+    optimizers apply, over all of them."""
     steps = []
 
     def make(model, cfg, device):
-        optimizer = make_optimizer(model, cfg, device)
+        optimizers = make_optimizer(model, cfg, device)
+        rates, squares = {}, []
 
         def before_step(opt, args, kwargs):
             grads = [p.grad for group in opt.param_groups for p in group["params"]]
-            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
             # a fused optimizer is handed a GradScaler's scale and takes it out itself
             scale = getattr(opt, "grad_scale", None)
-            steps.append((opt.param_groups[0]["lr"], norm / (1 if scale is None else scale.item())))
+            squares.append(sum(g.double().square().sum().item() for g in grads)
+                           / (1 if scale is None else scale.item()) ** 2)
+            name = next(n for n, o in optimizers.parts.items() if o is opt)
+            rates[name] = opt.param_groups[0]["lr"]
+            if len(rates) == len(optimizers.parts):  # the last part of this step
+                steps.append((dict(rates), sum(squares) ** 0.5))
+                rates.clear()
+                squares.clear()
 
-        optimizer.register_step_pre_hook(before_step)
-        return optimizer
+        for part in optimizers.parts.values():
+            part.register_step_pre_hook(before_step)
+        return optimizers
 
     monkeypatch.setattr(train_mod, "make_optimizer", make)
     return steps
@@ -61,9 +70,11 @@ def test_steps_follow_the_schedule_and_clipping_bounds_the_gradient_norm(
         tmp_path, small_text_file, monkeypatch):
     steps = _record_steps(monkeypatch)
     tiny_run(tmp_path / "clipped", small_text_file, max_iters=6, eval_interval=6, warmup_iters=2,
-             lr_decay_iters=5, min_lr=3e-4, grad_clip=0.05)
+             lr_decay_iters=5, min_lr=3e-4, grad_clip=0.05, optimizer="muon", muon_lr=0.05)
     cfg = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_iters=2, lr_decay_iters=5)
-    assert [lr for lr, _ in steps] == pytest.approx([lr_at(i, cfg) for i in range(6)])
+    assert [lr["adamw"] for lr, _ in steps] == pytest.approx([lr_at(i, cfg) for i in range(6)])
+    assert [lr["muon"] for lr, _ in steps] == pytest.approx(
+        [lr_at(i, cfg) * 0.05 / 3e-3 for i in range(6)])
     assert all(norm <= 0.05 * (1 + 1e-5) for _, norm in steps), steps
     steps.clear()
     tiny_run(tmp_path / "free", small_text_file, max_iters=6, eval_interval=6, grad_clip=0.0)
@@ -86,7 +97,8 @@ def test_clipping_bounds_the_true_gradients_under_a_grad_scaler(tmp_path, small_
 
     monkeypatch.setattr(torch.amp, "GradScaler", Watched)
     steps = _record_steps(monkeypatch)
-    tiny_run(tmp_path, small_text_file, max_iters=4, eval_interval=4, grad_clip=0.05)
+    tiny_run(tmp_path, small_text_file, max_iters=4, eval_interval=4, grad_clip=0.05,
+             optimizer="muon")
     assert scalers[0].is_enabled() and scalers[0].get_scale() == 2**16
     assert len(steps) == 4 and all(norm <= 0.05 * (1 + 1e-3) for _, norm in steps), steps
     assert max(norm for _, norm in steps) >= 0.05 * (1 - 1e-3), steps
@@ -134,14 +146,16 @@ def test_the_last_step_is_evaluated_and_saved_whatever_the_interval(tmp_path, sm
     assert all(torch.equal(last["model"][k], weights[k]) for k in weights)
 
 
-def test_weight_decay_reaches_matrices_and_embeddings_only():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_weight_decay_reaches_matrices_and_embeddings_only(optimizer):
     model = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16,
                             bias=True))
-    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
-    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups
-             for p in group["params"]}
+    cfg = TrainConfig(weight_decay=0.1, optimizer=optimizer)
+    groups = [group for part in make_optimizer(model, cfg, torch.device("cpu")).parts.values()
+              for group in part.param_groups]
+    decay = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
     names = dict(model.named_parameters())
-    assert len(decay) == len(names) == sum(len(g["params"]) for g in optimizer.param_groups)
+    assert len(decay) == len(names) == sum(len(g["params"]) for g in groups)
     for name, p in names.items():
         assert decay[id(p)] == (0.1 if p.dim() == 2 else 0.0), name
     assert decay[id(names["blocks.0.ln1.weight"])] == decay[id(names["ln_f.bias"])] == 0.0

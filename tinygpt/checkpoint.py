@@ -22,12 +22,12 @@ from typing import BinaryIO
 
 import torch
 
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig, refuse_unused
 from .errors import UserError, first_line, os_reason
 from .model import build_model
-from .optim import expected_state
+from .optim import Optimizers, expected_state
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the optimizer state is a dict of parts ({"adamw": ..., "muon": ...})
 REQUIRED_KEYS = ("format_version", "model_config", "train_config", "model", "iteration", "vocab")
 
 
@@ -102,6 +102,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"checkpoint {path} has format version {version}, newer than this tinygpt "
             f"understands ({FORMAT_VERSION}); upgrade tinygpt"
         )
+    if version == 1 and "optimizer" in ckpt:  # one AdamW's state, from before Muon
+        ckpt["optimizer"] = {"adamw": ckpt["optimizer"]}
     configs = {}
     for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
         try:
@@ -112,6 +114,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             configs[key].validate()
         except UserError as e:
             raise UserError(f"checkpoint {path} has an invalid {key}: {e}") from e
+    try:
+        refuse_unused(configs["model_config"].model, configs["train_config"].optimizer, {})
+    except UserError as e:
+        raise UserError(f"checkpoint {path} has an invalid train_config: {e}") from e
     vocab, vocab_size = ckpt["vocab"], configs["model_config"].vocab_size
     if not isinstance(vocab, str) or len(set(vocab)) != len(vocab):
         raise UserError(f"checkpoint {path} has a malformed vocabulary (not a string of distinct "
@@ -178,13 +184,14 @@ def _describe(t: torch.Tensor) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
 
 
-def check_training_state(ckpt: dict, path: Path, optimizer: torch.optim.Optimizer,
+def check_training_state(ckpt: dict, path: Path, optimizer: Optimizers,
                          device: torch.device) -> None:
     """UserError unless `ckpt` holds training state that fits what will consume it, checked
-    before any of it is loaded: the optimizer's per-parameter state (`optim.expected_state`:
-    each tensor's name, shape and whether it may be negative) in the optimizer's layout of
-    parameter groups, random-number states each generator accepts, a best loss and flags of
-    their types. A malformed tensor reaching a fused optimizer kernel can crash the process."""
+    before any of it is loaded: for each of the run's optimizers (`optim.Optimizers`), its
+    per-parameter state (`optim.expected_state`: each tensor's name, shape and whether it may be
+    negative) in its layout of parameter groups; random-number states each generator accepts, a
+    best loss and flags of their types. A malformed tensor reaching a fused optimizer kernel can
+    crash the process."""
     missing = sorted({"optimizer", "rng", "best_val_loss", "evaluated"} - ckpt.keys())
     if missing:
         raise UserError(f"checkpoint {path} lacks the training state to resume from "
@@ -203,32 +210,42 @@ def check_training_state(ckpt: dict, path: Path, optimizer: torch.optim.Optimize
     _check_rng(ckpt["rng"], device, bad)
 
 
-def _check_optimizer(saved, optimizer, bad) -> None:
+def _check_optimizer(saved, optimizers: Optimizers, bad) -> None:
+    names = list(optimizers.parts)
+    if not (isinstance(saved, dict) and list(saved) == names):
+        found = ", ".join(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        raise bad(f"optimizer state (it holds {found:.60}; this run steps {', '.join(names)})")
+    for name, optimizer in optimizers.parts.items():
+        _check_part(name, saved[name], optimizer,
+                    lambda what, name=name: bad(f"optimizer state ({name}: {what})"))
+
+
+def _check_part(name: str, saved, optimizer: torch.optim.Optimizer, bad) -> None:
+    """One optimizer's state, `saved`, against `optimizer` and `expected_state(name, ...)`."""
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
             and isinstance(saved.get("param_groups"), list)
             and all(isinstance(g, dict) for g in saved["param_groups"])):
-        raise bad("optimizer state (not a dict of state and param_groups)")
+        raise bad("not a dict of state and param_groups")
     layout = [g["params"] for g in optimizer.state_dict()["param_groups"]]
     if [g.get("params") for g in saved["param_groups"]] != layout:
-        raise bad("optimizer state (its parameter groups are not this model's)")
+        raise bad("its parameter groups are not this model's")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, state in saved["state"].items():
         if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(state, dict)):
-            raise bad(f"optimizer state (entry {index!r:.20})")
-        expected = expected_state(params[index])
+            raise bad(f"entry {index!r:.20}")
+        expected = expected_state(name, params[index])
         if state.keys() != expected.keys():
-            raise bad(f"optimizer state (parameter {index} has {', '.join(sorted(state))}; "
-                      f"expected {', '.join(sorted(expected))})")
-        for name, (shape, may_be_negative) in expected.items():
-            t = state[name]
+            raise bad(f"parameter {index} has {', '.join(sorted(state))}; expected "
+                      f"{', '.join(sorted(expected))}")
+        for key, (shape, may_be_negative) in expected.items():
+            t = state[key]
             if not (torch.is_tensor(t) and t.is_floating_point() and t.shape == shape):
                 got = _describe(t) if torch.is_tensor(t) else type(t).__name__
-                raise bad(f"optimizer state ({name} of parameter {index} is {got}; expected "
-                          f"{tuple(shape)} floating point)")
+                raise bad(f"{key} of parameter {index} is {got}; expected {tuple(shape)} "
+                          "floating point")
             if not torch.isfinite(t).all() or (not may_be_negative and (t < 0).any()):
-                raise bad(f"optimizer state ({name} of parameter {index} holds "
-                          f"{'non-finite' if not torch.isfinite(t).all() else 'negative'} "
-                          "values)")
+                raise bad(f"{key} of parameter {index} holds "
+                          f"{'non-finite' if not torch.isfinite(t).all() else 'negative'} values")
 
 
 def _check_rng(rng, device: torch.device, bad) -> None:

@@ -296,7 +296,7 @@ def _train_options(args: argparse.Namespace) -> dict:
         raise UserError("--new-data cannot be used here: it goes with --resume --data FILE")
     for cls in (ModelConfig, TrainConfig):  # answered before torch is imported
         check_values(cls, overrides)
-    refuse_unused(overrides.get("model"), overrides)
+    refuse_unused(overrides.get("model"), overrides.get("optimizer"), overrides)
     if args.preset is not None:
         from_preset(args.preset, **overrides)
     return overrides

@@ -26,7 +26,8 @@ _TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"),
 def _f(default, help: str, **accepts):
     """A field: its default, its help, and what it accepts: `choices`, bounds `at_least` /
     `above` / `below` / `at_most`, `nonempty`; `cli=False` keeps it off the command line, and
-    `gpt_only=True` marks what the bigram model has no use for."""
+    `gpt_only=True` marks what the bigram model has no use for, `muon_only=True` what AdamW
+    alone has no use for."""
     return field(default=default, metadata={"help": help, **accepts})
 
 
@@ -127,15 +128,19 @@ class TrainConfig:
                    at_most=MAX_MICRO_BATCHES)
     max_iters: int = _f(5000, "optimizer steps in total; a new run's warm-up and decay scale "
                               "with it unless given", at_least=0)
-    lr: float = _f(1e-3, "peak learning rate (AdamW)", above=0.0)
-    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay (at most lr)",
-                       at_least=0.0)
+    optimizer: str = _f("adamw", "adamw for every parameter, or muon for the weight matrices "
+                                 "inside the blocks and adamw for the rest",
+                         choices=("adamw", "muon"))
+    lr: float = _f(1e-3, "AdamW's peak learning rate", above=0.0)
+    muon_lr: float = _f(0.02, "Muon's peak learning rate (--optimizer muon)", above=0.0,
+                        muon_only=True)
+    min_lr: float = _f(1e-4, "AdamW's learning rate at the end of the cosine decay (at most lr; "
+                             "Muon's ends at the same fraction of its peak)", at_least=0.0)
     warmup_iters: int = _f(100, "linear warm-up steps", at_least=0)
     lr_decay_iters: int = _f(5000, "step at which the cosine decay reaches min_lr", at_least=0)
     beta1: float = _f(0.9, "AdamW beta1", at_least=0.0, below=1.0)
     beta2: float = _f(0.99, "AdamW beta2", at_least=0.0, below=1.0)
-    weight_decay: float = _f(0.1, "AdamW weight decay, applied to 2-D weights only",
-                             at_least=0.0)
+    weight_decay: float = _f(0.1, "weight decay, applied to 2-D weights only", at_least=0.0)
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 disables)", at_least=0.0)
     eval_interval: int = _f(250, "evaluate train/val loss every this many steps", at_least=1)
     eval_iters: int = _f(200, "batches per split in each evaluation", at_least=1,
@@ -155,9 +160,13 @@ class TrainConfig:
         check_values(type(self), vars(self))
         if self.min_lr > self.lr:
             raise UserError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.lr * self.weight_decay >= 1:  # AdamW scales weights by 1 - lr x weight_decay
-            raise UserError(f"weight_decay ({self.weight_decay:g}) times lr ({self.lr:g}) must be "
-                            "below 1: each step multiplies the weights by 1 - lr x weight_decay")
+        rates = [("lr", self.lr)] + ([("muon_lr", self.muon_lr)] if self.optimizer == "muon"
+                                     else [])
+        for name, lr in rates:  # each step scales weights by 1 - lr x weight_decay
+            if lr * self.weight_decay >= 1:
+                raise UserError(f"weight_decay ({self.weight_decay:g}) times {name} ({lr:g}) must "
+                                "be below 1: each step multiplies the weights by 1 - "
+                                f"{name} x weight_decay")
 
 
 @dataclass
@@ -181,10 +190,13 @@ class SampleConfig:
 PRESETS: dict[str, dict] = {
     # nanoGPT's shakespeare-char recipe.
     "shakespeare-char": {},
-    # nanoGPT's small CPU recipe.
+    # nanoGPT's small CPU recipe, with Muon for the blocks' matrices and AdamW at 3e-3 for the
+    # rest: the best of the optimizers and rates measured (benchmarks/results/cpu-baby-sweep-*).
+    # --optimizer adamw --lr 1e-3 is nanoGPT's exactly.
     "cpu-baby": dict(
         n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
         batch_size=12, max_iters=2000, lr_decay_iters=2000, eval_iters=20,
+        optimizer="muon", lr=3e-3, muon_lr=0.02,
     ),
     # The first model of the lesson: next character from the current one alone.
     "bigram": dict(
@@ -199,18 +211,27 @@ def fields_of(cls) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
-def refuse_unused(model: str, given: dict) -> None:
-    """UserError if `given` sets a field that `model` has no use for: a flag that would be
-    silently ignored."""
-    if model != "bigram":
-        return
-    unused = [f"--{f.name.replace('_', '-')}" for f in fields_of(ModelConfig)
-              if f.metadata.get("gpt_only") and given.get(f.name) is not None]
-    if unused:
+def refuse_unused(model: str | None, optimizer: str | None, given: dict) -> None:
+    """UserError if `given` sets a field that a run of `model` with `optimizer` has no use for
+    (a flag that would be silently ignored), or if it asks Muon to train the bigram model. None:
+    not known yet (the preset will tell)."""
+    if model == "bigram" and optimizer == "muon":
+        raise UserError("--optimizer muon trains the weight matrices inside transformer blocks, "
+                        "and the bigram model (a vocab x vocab table) has none; use --optimizer "
+                        "adamw, or --model gpt")
+
+    def flags(cls, mark: str) -> list[str]:
+        return [f"--{f.name.replace('_', '-')}" for f in fields_of(cls)
+                if f.metadata.get(mark) and given.get(f.name) is not None]
+
+    if model == "bigram" and (unused := flags(ModelConfig, "gpt_only")):
         one = len(unused) == 1
         raise UserError(f"{', '.join(unused)} do{'es' if one else ''} not apply to the bigram "
                         f"model (a vocab x vocab table); leave {'it' if one else 'them'} out, or "
                         "pass --model gpt")
+    if optimizer not in (None, "muon") and (unused := flags(TrainConfig, "muon_only")):
+        raise UserError(f"{', '.join(unused)} applies to --optimizer muon only, and this run's "
+                        f"optimizer is {optimizer}; leave it out, or pass --optimizer muon")
 
 
 def from_preset(name: str, **overrides) -> tuple[ModelConfig, TrainConfig]:
@@ -232,7 +253,8 @@ def from_preset(name: str, **overrides) -> tuple[ModelConfig, TrainConfig]:
             if key not in given:
                 values[key] = round(getattr(preset, key) * given["max_iters"]
                                     / max(1, preset.max_iters))
-    refuse_unused(values.get("model", ModelConfig.model), given)
+    refuse_unused(values.get("model", ModelConfig.model),
+                  values.get("optimizer", TrainConfig.optimizer), given)
     model = ModelConfig(**{k: v for k, v in values.items() if k in model_names})
     train = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
     model.validate()

@@ -12,7 +12,7 @@ import torch
 from .config import ModelConfig
 from .errors import UserError
 
-BYTES_PER_PARAM = 16  # fp32 weight, gradient and AdamW's two moments
+BYTES_PER_PARAM = 16  # fp32 weight, gradient and AdamW's two moments (Muon keeps one)
 # Values per token and layer that a pre-norm block keeps for its backward pass, in units of
 # n_embd, counted low: the two LayerNorm inputs (2), their outputs (2), q, k, v (3), the attention
 # output and its merged heads (2), the MLP's hidden layer before and after GELU (8) make 17.
@@ -20,17 +20,22 @@ SAVED_PER_TOKEN_LAYER = 12
 GIB = 2**30
 
 
-def training_bytes(cfg: ModelConfig, batch_size: int, corpus_chars: int, autocast: bool) -> int:
-    """At least this many bytes train `cfg` on batches of `batch_size`: parameters with their
-    gradients and optimizer state, the activations one micro-batch keeps for backward (2 bytes
-    a value under autocast, else 4), its fp32 logits, and the corpus on the device (int64)."""
+def training_bytes(cfg: ModelConfig, batch_size: int, corpus_chars: int, autocast: bool,
+                   optimizer: str = "adamw") -> int:
+    """At least this many bytes train `cfg` on batches of `batch_size` with `optimizer`:
+    parameters with their gradients and optimizer state, the activations one micro-batch keeps
+    for backward (2 bytes a value under autocast, else 4), its fp32 logits, and the corpus on the
+    device (int64)."""
     tokens = batch_size * cfg.block_size
     value = 2 if autocast else 4
     activations = 0
     if cfg.model == "gpt":
         activations = tokens * cfg.n_layer * cfg.n_embd * SAVED_PER_TOKEN_LAYER * value
     logits = tokens * cfg.vocab_size * 4
-    return cfg.num_params() * BYTES_PER_PARAM + activations + logits + corpus_chars * 8
+    # Muon keeps one fp32 momentum, not two moments, for the blocks' four matrices (12 C^2)
+    muon = 12 * cfg.n_layer * cfg.n_embd**2 if optimizer == "muon" and cfg.model == "gpt" else 0
+    state = cfg.num_params() * BYTES_PER_PARAM - muon * 4
+    return state + activations + logits + corpus_chars * 8
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -67,9 +72,9 @@ def advice(cfg: ModelConfig, batch_size: int) -> str:
 
 
 def check_fits(device: torch.device, cfg: ModelConfig, batch_size: int, corpus_chars: int,
-               autocast: bool) -> None:
+               autocast: bool, optimizer: str) -> None:
     """Refuse, before anything is allocated, a run that cannot fit in what `device` has free."""
-    need = training_bytes(cfg, batch_size, corpus_chars, autocast)
+    need = training_bytes(cfg, batch_size, corpus_chars, autocast, optimizer)
     free = free_bytes(device)
     if free is not None and need > free:
         raise UserError(

@@ -21,11 +21,11 @@ import torch
 
 from . import distributed, launch, memory, ops, trust
 from .checkpoint import check_training_state, load_checkpoint, save_checkpoint
-from .config import ModelConfig, TrainConfig, from_preset, params_words
+from .config import ModelConfig, TrainConfig, from_preset, params_words, refuse_unused
 from .data import SHAKESPEARE_SHA256, Batches, Tokenizer, default_corpus, read_corpus
 from .errors import Stopped, UserError
 from .model import LanguageModel, attention_shape, build_model
-from .optim import load_state, lr_at, make_optimizer
+from .optim import make_optimizer
 from .rundir import OutDirLock, existing_checkpoints
 from .signals import StopRequest
 from .threads import ThreadTuner, count_kept, describe
@@ -173,8 +173,10 @@ def _load_corpus(data: str | None, ckpt: dict | None, ckpt_path: Path | None,
 
 
 def _resume_configs(ckpt: dict, overrides: dict) -> tuple[ModelConfig, TrainConfig]:
-    """The checkpoint's configs; training fields may be overridden, model fields must agree."""
+    """The checkpoint's configs; training fields may be overridden, model fields and the
+    optimizer (whose state would not carry over) must agree."""
     model_cfg = ModelConfig(**ckpt["model_config"])
+    train_cfg = TrainConfig(**ckpt["train_config"])
     model_names = {f.name for f in dataclasses.fields(ModelConfig)}
     for name, value in overrides.items():
         if name in model_names and value is not None and getattr(model_cfg, name) != value:
@@ -182,10 +184,14 @@ def _resume_configs(ckpt: dict, overrides: dict) -> tuple[ModelConfig, TrainConf
                 f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
                 f"{getattr(model_cfg, name)}; a resumed run keeps the model it was started with"
             )
+    if overrides.get("optimizer") not in (None, train_cfg.optimizer):
+        raise UserError(f"--optimizer {overrides['optimizer']} differs from the checkpoint's "
+                        f"{train_cfg.optimizer}; a resumed run keeps the optimizer it was started "
+                        "with, whose state it goes on from")
     train_overrides = {k: v for k, v in overrides.items()
                        if k not in model_names and v is not None}
-    train_values = {**ckpt["train_config"], **train_overrides}
-    train_cfg = TrainConfig(**train_values)
+    refuse_unused(model_cfg.model, train_cfg.optimizer, train_overrides)
+    train_cfg = TrainConfig(**{**ckpt["train_config"], **train_overrides})
     train_cfg.validate()
     return model_cfg, train_cfg
 
@@ -272,7 +278,8 @@ class _Run:
         self.replacing: list[str] = []  # an earlier run's, removed at the first write (_save)
         self.oom_advice = memory.advice(model_cfg, cfg.batch_size)  # for every step's guard
         self.amp_dtype, amp_words = ops.precision(device)
-        memory.check_fits(device, model_cfg, cfg.batch_size, len(text), self.amp_dtype is not None)
+        memory.check_fits(device, model_cfg, cfg.batch_size, len(text), self.amp_dtype is not None,
+                          cfg.optimizer)
         self.backend, why = self._choose_backend(ckpt)
         stop.check()
         # Micro-batch m of every step comes from data stream m; rank r owns a contiguous share of
@@ -321,8 +328,8 @@ class _Run:
             + (f" | {ctx.world_size} processes x {per_rank} micro-batch"
                f"{'es' if per_rank > 1 else ''} of {cfg.batch_size} (global batch "
                f"{cfg.batch_size * cfg.grad_accum})" if ctx.enabled else "")
-            + f" | {cfg.max_iters} steps, lr {cfg.lr:g} (warm-up {cfg.warmup_iters}, cosine to "
-            f"{cfg.min_lr:g} at step {cfg.lr_decay_iters})")
+            + f" | {cfg.max_iters} steps, {_rates(cfg)} (warm-up {cfg.warmup_iters}, cosine to "
+            f"{cfg.min_lr / cfg.lr:.3g}x at step {cfg.lr_decay_iters})")
         with self._out_of_memory_reported("trying a training step"):
             self._try_step()
         self.step_model = self.eval_model
@@ -391,7 +398,7 @@ class _Run:
         """Everything is checked against what it goes into before any of it is loaded."""
         check_training_state(ckpt, path, self.optimizer, self.device)
         self.model.load_state_dict(ckpt["model"])  # checked by load_checkpoint
-        load_state(self.optimizer, ckpt["optimizer"])
+        self.optimizer.load_state(ckpt["optimizer"])
         self.start_iter, self.best_val = ckpt["iteration"], float(ckpt["best_val_loss"])
         self.skip_first_eval = ckpt["evaluated"]
         rng = ckpt["rng"]
@@ -453,7 +460,7 @@ class _Run:
         payload = self.checkpoint(it, evaluated=True)
         diverged = losses is not None and not all(map(math.isfinite, losses.values()))
         if distributed.any_rank(diverged, self.device):
-            raise UserError(_diverged_message(it, self.out_dir, self.cfg.lr, self.wrote))
+            raise UserError(_diverged_message(it, self.out_dir, self.cfg, self.wrote))
         if losses is None:
             return None, not self.ctx.is_main
         improved = losses["val"] < self.best_val
@@ -482,8 +489,7 @@ class _Run:
         """One optimizer step over this rank's micro-batches; returns their mean loss. None if
         a stop request came in the middle (checks within steps only): the gradients dropped and
         the data and dropout streams put back, so that resuming takes this very step."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(it, self.cfg)
+        self.optimizer.schedule(it)
         total = torch.zeros((), device=self.device)
         before = self._random_state() if self.checks_within_step else None
         try:
@@ -501,9 +507,9 @@ class _Run:
             self._set_random_state(before)
             return None
         if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            self.optimizer.unscale(self.scaler)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+        self.optimizer.step(self.scaler)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return total / len(self.streams)
@@ -559,7 +565,7 @@ class _Run:
                 if at_log:
                     loss_value = loss.item()
                     if distributed.any_rank(not math.isfinite(loss_value), self.device):
-                        raise UserError(_diverged_message(it, self.out_dir, cfg.lr, self.wrote))
+                        raise UserError(_diverged_message(it, self.out_dir, cfg, self.wrote))
                     self.progress.update(it, loss_value)
                 if at_log or not self.ctx.enabled:  # ranks agree on stopping at log steps
                     stopped_by = self._agreed_stop()
@@ -615,8 +621,17 @@ def _checks_between_layers(model: LanguageModel, check) -> list:
     return handles
 
 
-def _diverged_message(it: int, out_dir: Path, lr: float, wrote: bool) -> str:
+def _rates(cfg: TrainConfig) -> str:
+    """The peak learning rates, as the start line shows them."""
+    if cfg.optimizer == "muon":
+        return f"muon lr {cfg.muon_lr:g} + adamw lr {cfg.lr:g}"
+    return f"adamw lr {cfg.lr:g}"
+
+
+def _diverged_message(it: int, out_dir: Path, cfg: TrainConfig, wrote: bool) -> str:
     kept = (f"the last good checkpoint is kept in {out_dir}/" if wrote
             else "nothing was written")
-    return (f"loss is not finite at iteration {it}: training diverged; {kept} (try a learning "
-            f"rate below {lr:g})")
+    lower = f"--lr below {cfg.lr:g}"
+    if cfg.optimizer == "muon":
+        lower += f" or --muon-lr below {cfg.muon_lr:g}"
+    return f"loss is not finite at iteration {it}: training diverged; {kept} (try {lower})"
