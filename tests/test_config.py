@@ -24,7 +24,7 @@ BAD_ARGUMENTS = {
     "lr negative": (["train", "--lr", "-1"], "lr must be positive, got -1.0"),
     "min_lr nan": (["train", "--min-lr", "nan"], "min_lr must be a finite number"),
     "min_lr above lr": (["train", "--preset", "cpu-baby", "--min-lr", "0.01"],
-                        "min_lr (0.01) must not exceed lr (0.001)"),
+                        "min_lr (0.01) must not exceed lr (0.003)"),
     "beta1 1.5": (["train", "--beta1", "1.5"], "beta1 must be in [0, 1), got 1.5"),
     "beta2 inf": (["train", "--beta2", "inf"], "beta2 must be a finite number, got inf"),
     "weight decay negative": (["train", "--weight-decay", "-0.1"],
@@ -86,7 +86,7 @@ BAD_ARGUMENTS = {
     "doctor batch past 64 bits": (["doctor", "--batch-size", str(10**30)],
                                   "batch_size must be in [1, 1048576]"),
     "weight decay past 1/lr": (["train", "--preset", "cpu-baby", "--weight-decay", "1e300"],
-                               "weight_decay (1e+300) times lr (0.001) must be below 1"),
+                               "weight_decay (1e+300) times lr (0.003) must be below 1"),
     "bigram with transformer flags": (["train", "--preset", "bigram", "--n-layer", "8",
                                        "--n-embd", "999"],
                                       "--n-layer, --n-embd do not apply to the bigram model"),
@@ -197,6 +197,15 @@ def test_max_iters_scales_the_schedule(preset):
     _, kept = from_preset(preset, max_iters=300, lr_decay_iters=250, warmup_iters=7)
     assert (kept.lr_decay_iters, kept.warmup_iters) == (250, 7)
     assert from_preset(preset, lr=1e-3)[1].lr_decay_iters == base.lr_decay_iters
+
+
+def test_a_presets_muon_gives_way_to_adamw_for_the_bigram_model():
+    """cpu-baby's Muon has no matrices to take in a bigram model: `--model bigram` on it trains
+    with AdamW; only `--optimizer muon`, asked for, is refused."""
+    assert from_preset("cpu-baby")[1].optimizer == "muon"
+    assert from_preset("cpu-baby", model="bigram")[1].optimizer == "adamw"
+    with pytest.raises(UserError, match="--optimizer muon trains the weight matrices"):
+        from_preset("cpu-baby", model="bigram", optimizer="muon")
 
 
 @pytest.mark.parametrize("config,needle", [
