@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_attention, bench_layernorm, bench_quality, tune_attention
+from benchmarks import bench_attention, bench_layernorm, bench_quality, bench_train, tune_attention
 from benchmarks.report import Timing, table_line
+from tinygpt import optim
 
 CUDA = torch.cuda.is_available()
 
@@ -426,3 +427,21 @@ def test_a_sweep_writes_its_table_and_curves(tmp_path, small_text_file, run_comm
     assert "- target: " in table["notes"] and "mean final val loss of adamw 0.001" in table["notes"]
     svg = report.with_suffix(".svg").read_text()
     assert svg.count("<polyline") == 2 and "muon 0.02 (+ adamw 0.001)" in svg
+
+
+def test_the_optimizer_rows_step_with_the_optimizers_they_name(monkeypatch):
+    """bench_train --optimizers: AdamW, tinygpt's Muon and torch.optim.Muon in its place, each
+    timed, with the optimizer's share inside the step's."""
+    stepped = []
+    for cls in (optim.Muon, torch.optim.Muon, torch.optim.AdamW):
+        monkeypatch.setattr(cls, "step", lambda self, *a, f=cls.step, **k: stepped.append(
+            type(self)) or f(self, *a, **k))
+    tiny = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2)
+    rows = {label: ({**tiny, **overrides}, swap)
+            for label, (overrides, swap) in bench_train.OPTIMIZER_ROWS.items()}
+    times = bench_train.optimizer_steps("cpu-baby", rows, rounds=1, steps=1,
+                                        device=torch.device("cpu"))
+    assert list(times) == ["adamw", "muon", "torch.optim.Muon"]
+    assert all(0 < opt[0] < step[0] for step, opt in times.values())
+    assert stepped.count(torch.optim.Muon) == 2  # the warm-up round and the timed one
+    assert stepped.count(optim.Muon) == 2 and stepped.count(torch.optim.AdamW) == 6
