@@ -407,7 +407,6 @@ def test_the_sweep_table_counts_steps_to_the_target_per_seed():
     assert rows[1][4:] == ["not all reached (-, 4)", "10.00", "100,000", "-"]
 
 
-@pytest.mark.slow
 def test_a_sweep_writes_its_table_and_curves(tmp_path, small_text_file, run_command):
     """The sweep entry end to end on a tiny model: a row a config, the target taken from
     AdamW at 1e-3, ms/step for both optimizers, and the loss curves."""
