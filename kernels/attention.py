@@ -426,10 +426,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
 
 
-def _launch(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict:
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-
-
 def block_d(D: int) -> int:
     """The head dim the kernels compute with: D padded to a power of two, at least 16 (the
     smallest tensor-core matmul depth). Loads of the padding read zeros; stores skip it."""
@@ -441,55 +437,45 @@ def delta_rows(D: int) -> int:
     return min(64, 8192 // block_d(D))
 
 
-def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict, dict]:
-    """(forward, dK/dV, dQ) launch settings for head dim D and `dtype` on `gpu`.
+# Launch settings: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, dK/dV and dQ passes,
+# by input dtype, padded head dim `block_d(D)`, and the least compute capability and shared memory
+# (bytes) of the GPUs a row is for. `launch_settings` takes the first row that fits. fp32 runs
+# FMA matmuls, which hold whole operand rows per thread: small tiles everywhere. The diagonal
+# passes need forward and dQ BLOCK_M % BLOCK_N == 0 and dK/dV BLOCK_N % BLOCK_M == 0. The
+# compile reports (benchmarks/compile_check.py) give each row's registers, spills and shared
+# memory on every target; docs/kernels.md says why each row is what it is.
+SETTINGS = (
+    # dtype  head dim  arch  shared      forward           dK/dV            dQ
+    ("fp32",    64,     80,  0,          (64, 16, 8, 2),   (32, 32, 8, 1),  (32, 32, 8, 2)),
+    ("fp32",   128,     80,  0,          (16, 16, 4, 3),   (16, 16, 8, 1),  (16, 16, 4, 2)),
+    ("fp32",   256,     80,  0,          (16, 16, 4, 2),   (16, 16, 4, 1),  (16, 16, 8, 1)),
+    ("16-bit",  64,    120,  0,          (128, 32, 8, 3),  (16, 64, 4, 3),  (128, 32, 8, 3)),
+    ("16-bit",  64,     90,  0,          (128, 64, 8, 3),  (32, 128, 8, 3), (128, 32, 8, 3)),
+    ("16-bit",  64,     80,  0,          (128, 64, 8, 3),  (32, 128, 8, 2), (128, 32, 8, 3)),
+    ("16-bit", 128,    120,  0,          (64, 32, 4, 3),   (32, 32, 4, 3),  (128, 16, 8, 3)),
+    ("16-bit", 128,     90,  0,          (128, 64, 8, 4),  (32, 64, 8, 3),  (128, 32, 8, 3)),
+    ("16-bit", 128,     80,  0,          (128, 32, 8, 3),  (32, 64, 8, 3),  (128, 16, 8, 3)),
+    ("16-bit", 256,    120,  0,          (64, 32, 8, 2),   (16, 32, 8, 2),  (16, 16, 4, 2)),
+    ("16-bit", 256,     90,  0,          (64, 32, 8, 4),   (16, 32, 8, 3),  (64, 16, 8, 2)),
+    ("16-bit", 256,     80,  160 * 1024, (64, 32, 8, 3),   (16, 32, 8, 3),  (32, 16, 8, 3)),
+    ("16-bit", 256,     80,  0,          (64, 32, 8, 2),   (16, 32, 8, 2),  (32, 16, 8, 2)),
+)
 
-    Settings go by the padded head dim `block_d(D)`. The diagonal passes need forward and dQ
-    BLOCK_M % BLOCK_N == 0 and dK/dV BLOCK_N % BLOCK_M == 0. benchmarks/compile_check.py
-    compiles every setting for sm_80, 86, 89, 90 and 120 with Triton 3.6 to 3.9 (torch 2.11's to
-    2.15's): no 16-bit one spills registers (with 3.8 none at all; 3.7 spills 8 bytes in sm_120's
-    dQ at D=32), and all fit the shared memory of their target. Hopper's warpgroup MMAs keep
-    large tiles in registers (its forward at D=128 and 256 pipelines four stages: at three,
-    Triton 3.9 spills it with dropout); mma.sync on Ampere and Ada holds less (with dropout,
-    Triton 3.6 spills their 32 x 128 dK/dV tile at three stages, not at two), and consumer
-    Blackwell (sm_120) less still. At 256 the tiles are small everywhere and a third pipeline
-    stage fits only on A100 and Hopper. fp32 inputs use FMA matmuls, which hold whole operand
-    rows per thread: small tiles. A device with less shared memory than any of those targets
-    pipelines at most two stages. Each setting:
-    (BLOCK_M, BLOCK_N, num_warps, num_stages).
-    """
+
+def launch_settings(D: int, dtype: torch.dtype, gpu: Target) -> tuple[dict, dict, dict]:
+    """(forward, dK/dV, dQ) launch settings for head dim D and `dtype` on `gpu`: the first row
+    of `SETTINGS` that fits. A GPU with less shared memory than any supported target pipelines
+    at most two stages."""
     if gpu.capability < MIN_CAPABILITY:
         raise RuntimeError(f"the Triton attention needs compute capability 8.0 or newer, not "
                            f"{gpu.capability // 10}.{gpu.capability % 10}")
-    D = block_d(D)
-    if dtype == torch.float32 and D <= 64:  # dK/dV pipelines nothing: it spills once D is padded
-        settings = (64, 16, 8, 2), (32, 32, 8, 1), (32, 32, 8, 2)
-    elif dtype == torch.float32 and D <= 128:
-        settings = (16, 16, 4, 3), (16, 16, 8, 1), (16, 16, 4, 2)
-    elif dtype == torch.float32:
-        settings = (16, 16, 4, 2), (16, 16, 4, 1), (16, 16, 8, 1)
-    elif D <= 64 and gpu.capability >= 120:  # RTX 50xx
-        settings = (128, 32, 8, 3), (16, 64, 4, 3), (128, 32, 8, 3)
-    elif D <= 64 and gpu.capability >= 90:  # H100, H200
-        settings = (128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)
-    elif D <= 64:  # A100, RTX 30xx and 40xx, A10, L4
-        settings = (128, 64, 8, 3), (32, 128, 8, 2), (128, 32, 8, 3)
-    elif D == 256 and gpu.capability >= 120:  # dQ at 32 x 16 with 8 warps spills with Triton 3.6
-        settings = (64, 32, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)
-    elif D == 256 and gpu.capability >= 90:  # 3.9 spills fwd and dQ at 3 stages, dQ at 32 x 16
-        settings = (64, 32, 8, 4), (16, 32, 8, 3), (64, 16, 8, 2)
-    elif D == 256:  # a third stage only where more than 160 KiB of shared memory fit
-        stages = 3 if gpu.shared >= 160 * 1024 else 2
-        settings = (64, 32, 8, stages), (16, 32, 8, stages), (32, 16, 8, stages)
-    elif gpu.capability >= 120:  # RTX 50xx
-        settings = (64, 32, 4, 3), (32, 32, 4, 3), (128, 16, 8, 3)
-    elif gpu.capability >= 90:  # H100, H200
-        settings = (128, 64, 8, 4), (32, 64, 8, 3), (128, 32, 8, 3)
-    else:  # A100, RTX 30xx and 40xx, A10, L4; dQ at 128 x 32 spills once D is padded
-        settings = (128, 32, 8, 3), (32, 64, 8, 3), (128, 16, 8, 3)
+    kind = "fp32" if dtype == torch.float32 else "16-bit"
+    settings = next(row[4:] for row in SETTINGS if row[0] == kind and block_d(D) <= row[1]
+                    and gpu.capability >= row[2] and gpu.shared >= row[3])
     if gpu.shared < LEAST_SHARED_MEMORY:
         settings = tuple((m, n, warps, min(stages, 2)) for m, n, warps, stages in settings)
-    return tuple(_launch(*s) for s in settings)
+    return tuple(dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+                 for m, n, warps, stages in settings)
 
 
 def _dropout_args(dropout_p: float) -> tuple[float, int]:

@@ -36,6 +36,19 @@ from .gpu import interpreted, traceable
 ROW_IN_REGISTERS = 4096  # widest row kept whole in registers (8192 spills on sm_86, 89, 120)
 TILE_N = 4096  # column tile of wider rows
 SUM_BLOCK = (16, 128)  # (partial rows, columns) one program of the dw/db sum holds
+# Launch settings by row width, padded to a power of two. A program holds a tile of up to 4096
+# elements (small rows batched) with warps enough that each thread holds at most 16 values of each
+# array (the backward keeps h, dy, dh and the dw, db sums): no kernel's loops spill registers
+# (benchmarks/compile_check.py, docs/kernels.md).
+SETTINGS = (
+    # padded width  rows per program  warps
+    (128,           16,               4),
+    (256,           16,               8),
+    (512,            8,               8),
+    (1024,           4,               8),
+    (2048,           2,               8),
+    (4096,           1,               8),  # ROW_IN_REGISTERS
+)
 
 
 @triton.jit
@@ -240,20 +253,14 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
 
 
 def _launch_config(N: int) -> tuple[int, int, int]:
-    """(BLOCK_M rows per program, BLOCK_N columns, num_warps) for rows of N features.
-
-    A program holds a tile of up to 4096 elements: rows up to ROW_IN_REGISTERS whole, small rows
-    batched, wider rows in column tiles of TILE_N, one row per program. Warps grow with the tile
-    so that each thread holds at most 16 values of each array (the backward keeps h, dy, dh and
-    the dw, db sums), which keeps every kernel's loops free of register spills
-    (benchmarks/compile_check.py; Triton 3.7 and 3.9 park one value of the add+LayerNorm
-    backward at N=1024 on the stack on sm_80 to 89, outside its loop).
-    """
+    """(BLOCK_M rows per program, BLOCK_N columns, num_warps) for rows of N features: a row of
+    `SETTINGS`, BLOCK_N being N padded to a power of two; wider rows than ROW_IN_REGISTERS go
+    one per program in column tiles of TILE_N, with 8 warps."""
     if N > ROW_IN_REGISTERS:
-        return 1, TILE_N, TILE_N // 512
+        return 1, TILE_N, 8
     block_n = triton.next_power_of_2(N)
-    block_m = max(1, min(16, 4096 // block_n))
-    return block_m, block_n, max(4, block_m * block_n // 512)
+    block_m, num_warps = next((rows, warps) for width, rows, warps in SETTINGS if block_n <= width)
+    return block_m, block_n, num_warps
 
 
 def _rows(t: torch.Tensor, N: int) -> torch.Tensor:

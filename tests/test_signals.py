@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tinygpt import train as train_mod
+from tinygpt import memory
 from tinygpt.checkpoint import load_checkpoint
 from tinygpt.cli import main
 from tinygpt.model import MLP
@@ -87,13 +87,13 @@ def test_a_signal_inside_a_step_or_an_evaluation_resumes_exactly(
 
 def test_a_signal_before_the_first_step_writes_nothing(tmp_path, capsys, corpus_path,
                                                        monkeypatch):
-    try_step = train_mod._Run._try_step
+    try_step = memory.try_step
 
-    def signalled(self):
+    def signalled(*args):
         os.kill(os.getpid(), signal.SIGTERM)
-        try_step(self)
+        try_step(*args)
 
-    monkeypatch.setattr(train_mod._Run, "_try_step", signalled)
+    monkeypatch.setattr(memory, "try_step", signalled)
     out = tmp_path / "out"
     assert main(["train", *LONG_RUN, "--data", str(corpus_path), "--out-dir", str(out)]) == 143
     assert capsys.readouterr().err.endswith(
@@ -150,10 +150,10 @@ def test_sighup_in_a_long_first_evaluation_is_answered_within_seconds(tmp_path, 
 
 SAVE_HANGS = """
 import sys, time
-from tinygpt import train
+from tinygpt import checkpoint
 from tinygpt.cli import main
 
-real_save, saves = train.save_checkpoint, []
+real_save, saves = checkpoint.save_checkpoint, []
 
 def save_that_hangs_after_two(path, payload):  # the first evaluation's two go through
     saves.append(path)
@@ -161,7 +161,7 @@ def save_that_hangs_after_two(path, payload):  # the first evaluation's two go t
         time.sleep(300)
     real_save(path, payload)
 
-train.save_checkpoint = save_that_hangs_after_two
+checkpoint.save_checkpoint = save_that_hangs_after_two
 sys.exit(main(sys.argv[1:]))
 """
 

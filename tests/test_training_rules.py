@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from tinygpt import checkpoint
+from tinygpt import progress as progress_mod
 from tinygpt import train as train_mod
 from tinygpt.checkpoint import load_checkpoint
 from tinygpt.config import ModelConfig, TrainConfig
@@ -127,7 +129,7 @@ def test_the_logged_loss_is_the_mean_over_micro_batches(tmp_path, small_text_fil
 
     monkeypatch.setattr(GPT, "forward", forward_watched)
     monkeypatch.setattr(train_mod._Run, "step", step_watched)
-    monkeypatch.setattr(train_mod.Progress, "update", lambda self, it, loss: logged.append(loss))
+    monkeypatch.setattr(progress_mod.Progress, "update", lambda self, it, loss: logged.append(loss))
     train("cpu-baby", {**TINY, "out_dir": str(tmp_path), "max_iters": 4, "eval_interval": 4,
                        "grad_accum": 3}, data=str(small_text_file), log_interval=1)
     assert len(micro) == 12
@@ -169,8 +171,8 @@ def test_best_checkpoint_is_written_only_when_val_improves(tmp_path, small_text_
     monkeypatch.setattr(train_mod, "estimate_loss",
                         lambda *args: {"train": 9.0, "val": next(vals)})
     saved = []
-    save = train_mod.save_checkpoint
-    monkeypatch.setattr(train_mod, "save_checkpoint",
+    save = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint",
                         lambda path, payload: saved.append((path.name, payload["iteration"]))
                         or save(path, payload))
     summary = tiny_run(tmp_path, small_text_file, max_iters=8, eval_interval=2)
@@ -197,8 +199,8 @@ def test_a_long_evaluation_shows_its_progress_and_leaves_it_out_of_the_speed(mon
     """Off a terminal: a line every 30 s of an evaluation (none for a short one), and ms/iter
     measured without the evaluation's time."""
     now = [0.0]
-    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: now[0])
-    progress = train_mod.Progress(total=100, tokens_per_iter=1000)
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: now[0])
+    progress = progress_mod.Progress(total=100, tokens_per_iter=1000)
     progress.update(10, 2.5)
     for t, done in [(1.0, 0), (20.0, 100), (31.0, 200), (50.0, 300), (61.5, 390)]:
         now[0] = t

@@ -74,6 +74,22 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
         raise UserError(f"could not write checkpoint {path} ({reason}); {kept}") from e
 
 
+class Writer:
+    """Writes a run's checkpoints into `out_dir`. Its first write removes `replacing`, an earlier
+    run's checkpoints that --overwrite replaces, so that the directory never holds both runs';
+    `wrote` tells whether it holds this run's (a resumed run's, from the start)."""
+
+    def __init__(self, out_dir: Path, replacing: list[str], wrote: bool):
+        self.out_dir, self.replacing, self.wrote = out_dir, replacing, wrote
+
+    def save(self, name: str, payload: dict) -> None:
+        for old in self.replacing:
+            (self.out_dir / old).unlink(missing_ok=True)
+        self.replacing = []
+        save_checkpoint(self.out_dir / name, payload)
+        self.wrote = True
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read and check a checkpoint; every problem becomes one UserError naming the file."""
     path = Path(path)

@@ -265,9 +265,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if not (args.device.startswith("cuda") or (args.device == "auto"
                                                and torch.cuda.is_available())):
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .devices import pick_device
     from .doctor import run_doctor
     from .ops import interpreter_on
-    from .train import pick_device
 
     device = pick_device(args.device)
     if device.type == "mps":
@@ -304,7 +304,8 @@ def _train_options(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = _train_options(args)
-    from .train import pick_device, train
+    from .devices import pick_device
+    from .train import train
 
     tune_threads = _set_threads(args.threads)
     preset = args.preset
@@ -376,9 +377,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from . import memory, ops, trust
     from .checkpoint import load_checkpoint
     from .data import Tokenizer
+    from .devices import pick_device
     from .generate import generate
     from .model import attention_shape, build_model
-    from .train import pick_device
 
     tune_threads = _set_threads(args.threads)
     path = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "best.pt"

@@ -7,6 +7,7 @@ gloo on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import traceback
@@ -61,6 +62,21 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def session(ctx: Context, device: torch.device, join_timeout: float):
+    """The job's process group for the body: joined first (`start`), destroyed after it (`stop`),
+    with the frames a failure keeps alive cleared before."""
+    start(ctx, device, join_timeout)
+    try:
+        yield
+    except BaseException as error:
+        if ctx.enabled:
+            clear_frames(error)
+        raise
+    finally:
+        stop()
+
+
 def clear_frames(error: BaseException) -> None:
     """Clear the locals of the finished frames that `error` and the exceptions chained to it
     keep alive (a failed step's DDP wrapper among them), so that they go before `stop()`."""
@@ -83,6 +99,11 @@ def max_over_ranks(value: float, device: torch.device) -> float:
     return t.item()
 
 
+def agreed_signal(signum: int | None, device: torch.device) -> int:
+    """The signal that stops the run, agreed on by every rank (0: none)."""
+    return int(max_over_ranks(signum or 0, device))
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any."""
     return bool(max_over_ranks(float(flag), device))
@@ -95,3 +116,19 @@ def gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def wrap(model: torch.nn.Module, ctx: Context, device: torch.device) -> torch.nn.Module:
+    """`model` under DistributedDataParallel in a job, as it is otherwise."""
+    if not ctx.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def no_sync(model: torch.nn.Module, skip: bool):
+    """Within it, a backward pass of `model` (as `wrap` returned it) leaves out the all-reduce if
+    `skip`: gradient accumulation reduces on the last micro-batch alone."""
+    if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()

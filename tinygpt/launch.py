@@ -27,6 +27,13 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def streams(self, micro_batches: int) -> range:
+        """The data streams of this process's share of a step's `micro_batches`: micro-batch m
+        comes from stream m, and rank r owns a contiguous share, so that the global batch does
+        not depend on the number of processes."""
+        per_rank = micro_batches // self.world_size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
 
 def from_environment() -> Context:
     """The process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""

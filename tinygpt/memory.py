@@ -5,6 +5,7 @@ has free, and out-of-memory errors turned into one line.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -101,3 +102,31 @@ def reported(device: torch.device, doing: str, advice: str, kept: str):
         if not is_out_of_memory(e):
             raise
         raise UserError(f"out of memory on {device} while {doing}; {advice} ({kept})") from e
+
+
+class Guard:
+    """`with guard(doing):` turns running out of memory into `reported`'s one line, which says
+    whether the checkpoints `writer` (a `checkpoint.Writer`) has written are kept."""
+
+    def __init__(self, device: torch.device, cfg: ModelConfig, batch_size: int, writer):
+        self.device, self.advice, self.writer = device, advice(cfg, batch_size), writer
+
+    def __call__(self, doing: str):
+        kept = (f"the checkpoints in {self.writer.out_dir}/ are kept" if self.writer.wrote
+                else "nothing was written")
+        return reported(self.device, doing, self.advice, kept)
+
+
+def try_step(model: torch.nn.Module, optimizer, batch_size: int, block_size: int,
+             device: torch.device, autocast: Callable) -> None:
+    """A forward and backward pass on a batch of zeros before anything is written, so that a
+    batch too large for the device fails here. Weights, gradients (`optimizer` zeroes them) and
+    every random stream are left as they were."""
+    x = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)  # (B, T)
+    accelerator = device.type != "cpu"
+    with torch.random.fork_rng([device] if accelerator else [],
+                               device_type=device.type if accelerator else "cuda"):
+        with autocast():
+            _, loss = model(x, x)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)

@@ -176,3 +176,11 @@ def expected_state(part: str, param: torch.Tensor) -> dict[str, tuple[torch.Size
         return {"momentum_buffer": (param.shape, True)}
     return {"step": (torch.Size([]), False), "exp_avg": (param.shape, True),
             "exp_avg_sq": (param.shape, False)}
+
+
+def lower_rates(cfg: TrainConfig) -> str:
+    """What to lower when training with `cfg` diverges."""
+    lower = f"--lr below {cfg.lr:g}"
+    if cfg.optimizer == "muon":
+        lower += f" or --muon-lr below {cfg.muon_lr:g}"
+    return lower

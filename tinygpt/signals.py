@@ -1,6 +1,6 @@
 """Stopping on request: SIGINT (Ctrl-C), SIGTERM (a scheduler) and SIGHUP (a closed terminal)
-become a flag that training checks often and answers by saving; a second signal ends the process
-at once, even in the middle of a long operation. No torch here."""
+become a flag that training checks often (between a model's layers, too) and answers by saving; a
+second signal ends the process at once, even in the middle of a long operation. No torch here."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from .errors import Stopped
 
@@ -92,3 +93,21 @@ class StopRequest:
             self._watcher.join()
             receive.close()
             self._wakeup = self._watcher = None
+
+
+def checks_between_layers(model, check: Callable[[], None]) -> list:
+    """Call `check` before each attention and MLP of `model`'s blocks, in the forward pass and
+    where the backward pass reaches them, so that a stop request is seen within a layer's time
+    at any model size. Returns the hooks' handles."""
+    def before(module, args):
+        check()
+
+    def after(module, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda grad: check())
+
+    handles = []
+    for block in getattr(model, "blocks", ()):
+        for part in (block.attn, block.mlp):
+            handles += [part.register_forward_pre_hook(before), part.register_forward_hook(after)]
+    return handles

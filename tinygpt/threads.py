@@ -91,6 +91,20 @@ def describe(tuner: ThreadTuner | None) -> str:
     return (f"{', '.join(more)} or {fewest} threads, whichever times faster (--threads N fixes "
             "the count)")
 
+def tuners(say: Callable[[str], None]) -> tuple[ThreadTuner, ThreadTuner]:
+    """A run's tuners for its training steps and its evaluation batches, each starting from
+    torch's count: the two differ in work per call, so each gets its own count."""
+    import torch
+
+    return tuple(ThreadTuner(what, unit, torch.get_num_threads(), say=say)
+                 for what, unit in (("training", "step"), ("evaluation", "batch")))
+
+
+def timed(tuner: ThreadTuner | None):
+    """`tuner.timed()`, or nothing to time without a tuner."""
+    return tuner.timed() if tuner is not None else contextlib.nullcontext()
+
+
 class Window:
     """The latest units timed at one count: at least `PROBE_UNITS` of them, and as few more as
     it takes to last `PROBE_SECONDS`. A descheduled thread costs a time slice now and then, not

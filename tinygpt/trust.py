@@ -24,11 +24,12 @@ import torch
 
 from tinygpt import kernels
 
-from . import distributed, verify
+from . import distributed, ops, verify
 from .checkpoint import write_atomically
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 from .data import cache_dir
 from .errors import UserError, os_reason
+from .model import attention_shape
 
 KERNEL_SOURCES = Path(kernels.__file__).parent
 # Devices whose runs check the kernels before trusting them. Off CUDA the kernels run only in
@@ -211,3 +212,31 @@ def agree(choice: Choice, resolved: str, device: torch.device) -> Choice:
         return Choice("torch", "another process's check or timing chose torch")
     return choice
 
+
+def choose(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device,
+           amp_dtype: torch.dtype | None, previous: str | None, say: Callable[[str], None],
+           between: Callable[[], None]) -> tuple[str, str]:
+    """The backend a run takes and why (for its start line). A resumed run under `auto` keeps
+    its checkpoint's (`previous`) where that can run here, so that it goes on bit for bit;
+    otherwise `settle` decides, and every process of a job `agree`s."""
+    shape = attention_shape(model_cfg, cfg.batch_size)
+    request = ops.requested_backend(cfg.backend)[0]
+    previous = previous if request == "auto" else None
+    resolved = None
+    if previous is not None:
+        try:
+            resolved = ops.resolve_backend(previous, device, shape)
+        except UserError as e:
+            say(f"the checkpoint was trained on the {previous} backend, which cannot run here "
+                f"({e}); choosing again")
+    kept = resolved is not None
+    resolved = resolved or ops.resolve_backend(cfg.backend, device, shape)
+    if cfg.compile and resolved == "triton" and device.type != "cuda":
+        raise UserError("--compile with the triton backend needs CUDA: the Triton interpreter "
+                        "cannot be traced")
+    choice = settle(resolved, device, model_cfg, cfg.batch_size, amp_dtype, cfg.compile,
+                    explicit=request == "triton", by_speed=request == "auto" and not kept,
+                    say=say, between=between)
+    choice = agree(choice, resolved, device)
+    why = "; ".join(w for w in ("kept from the checkpoint" if kept else "", choice.why) if w)
+    return choice.backend, why
