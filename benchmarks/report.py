@@ -97,8 +97,14 @@ def environment() -> dict[str, str]:
 
 
 def _module_name(path: str) -> str:
+    """The name `python -m` ran the script at `path` by: its packages (folders with an
+    __init__.py) and its stem."""
     p = Path(path).resolve()
-    return f"{p.parent.name}.{p.stem}"
+    parts = [p.stem]
+    while (p.parent / "__init__.py").is_file():
+        p = p.parent
+        parts.insert(0, p.name)
+    return ".".join(parts)
 
 
 def table_line(cells) -> str:
@@ -377,10 +383,22 @@ def gather(results: list[Path], out_dir: Path, heading: str, failures: list[str]
     return path
 
 
-if __name__ == "__main__":
-    # python -m benchmarks.report DIR [HEADING]: gather every result in DIR into one report
-    folder = Path(sys.argv[1])
-    found = sorted(folder.glob("*.json"))
+def main(argv: list[str] | None = None) -> None:
+    """python -m benchmarks.report DIR [HEADING] [--results FILE...] [--failed SCRIPT...]:
+    gather the results (default: every .json in DIR) into one report in DIR."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("heading", nargs="?", default="")
+    parser.add_argument("--results", nargs="+", type=Path, help="the results to gather")
+    parser.add_argument("--failed", nargs="+", default=[], help="scripts that failed, and how")
+    args = parser.parse_args(argv)
+    found = args.results or sorted(args.folder.glob("*.json"))
     if not found:
-        raise SystemExit(f"no benchmark results (.json) in {folder}")
-    print(f"wrote {gather(found, folder, sys.argv[2] if len(sys.argv) > 2 else '', [])}")
+        raise SystemExit(f"no benchmark results (.json) in {args.folder}")
+    print(f"wrote {gather(found, args.folder, args.heading, args.failed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -442,7 +442,7 @@ def delta_rows(D: int) -> int:
 # (bytes) of the GPUs a row is for. `launch_settings` takes the first row that fits. fp32 runs
 # FMA matmuls, which hold whole operand rows per thread: small tiles everywhere. The diagonal
 # passes need forward and dQ BLOCK_M % BLOCK_N == 0 and dK/dV BLOCK_N % BLOCK_M == 0. The
-# compile reports (benchmarks/compile_check.py) give each row's registers, spills and shared
+# compile reports (benchmarks/tools/compile_check.py) give each row's registers, spills and shared
 # memory on every target; docs/kernels.md says why each row is what it is.
 SETTINGS = (
     # dtype  head dim  arch  shared      forward           dK/dV            dQ

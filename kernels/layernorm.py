@@ -39,7 +39,7 @@ SUM_BLOCK = (16, 128)  # (partial rows, columns) one program of the dw/db sum ho
 # Launch settings by row width, padded to a power of two. A program holds a tile of up to 4096
 # elements (small rows batched) with warps enough that each thread holds at most 16 values of each
 # array (the backward keeps h, dy, dh and the dw, db sums): no kernel's loops spill registers
-# (benchmarks/compile_check.py, docs/kernels.md).
+# (benchmarks/tools/compile_check.py, docs/kernels.md).
 SETTINGS = (
     # padded width  rows per program  warps
     (128,           16,               4),

@@ -42,7 +42,7 @@ def _tensor_core_dots() -> None:
     dots read operands as tensor cores do: bf16 widened to the fp32 values they stand for (exact:
     a bf16 is the top half of an fp32), so the bf16 kernels run here; and fp32 cut to tf32's 10
     mantissa bits where a dot asks for tf32, so that a kernel which would lose fp32 precision on a
-    GPU loses it here too. tests/test_attention.py says what this covers."""
+    GPU loses it here too. tests/kernels/test_attention.py says what this covers."""
     import numpy as np
     import triton.language as tl
     from triton._C.libtriton import ir

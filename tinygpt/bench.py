@@ -71,13 +71,23 @@ def run_benchmarks(suites: list[str], out_dir: str, quick: bool = False) -> tupl
         if interrupted:
             raise KeyboardInterrupt
         raise UserError("no benchmark wrote a result; see the output above")
-    sys.path.insert(0, str(root))  # benchmarks/ is a folder of the checkout, not installed
-    from benchmarks.report import gather
-
     heading = (f"suites: {', '.join(suites)}" + (" (--quick: small shapes, a check that every "
                "provider runs, not a speed)" if quick else ""))
-    report = gather(written, out, heading, failures)
+    report = _gather(root, written, out, heading, failures)
     print(f"wrote {report}")
     if failures:
         raise UserError(f"benchmarks failed: {', '.join(failures)} (report: {report})")
     return report, interrupted
+
+
+def _gather(root: Path, results: list[Path], out: Path, heading: str,
+            failures: list[str]) -> Path:
+    """`benchmarks.report` of the checkout gathers `results` into one report in `out`; it runs
+    as a script, as the benchmarks do, so that this package never imports the benchmarks."""
+    command = [sys.executable, "-m", "benchmarks.report", str(out), heading,
+               "--results", *map(str, results), *(["--failed", *failures] if failures else [])]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"gathering the benchmark report failed ({last})")
+    return Path(done.stdout.strip().splitlines()[-1].removeprefix("wrote "))

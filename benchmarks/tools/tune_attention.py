@@ -1,9 +1,9 @@
 """Time neighbouring launch settings of the attention kernels, to choose the defaults on a GPU.
 
-    python -m benchmarks.tune_attention [--out DIR]      # CUDA only
+    python -m benchmarks.tools.tune_attention [--out DIR]      # CUDA only
 
-The defaults in kernels/attention.py (`launch_settings`) were chosen as the largest tiles that
-compile without register spills (benchmarks/compile_check.py), untimed. This script times each
+The defaults in kernels/attention.py (`SETTINGS`) were chosen as the largest tiles that
+compile without register spills (benchmarks/tools/compile_check.py), untimed. This script times each
 candidate below in bf16, forward and forward+backward, with dropout off and at the training
 dropout 0.2, at the model's shape and at two long-sequence shapes, and marks the fastest per
 shape, dropout and mode. Before a candidate is timed, its output and every gradient are checked

@@ -1,7 +1,7 @@
 """Compile every Triton kernel configuration for GPUs without having one, and report resources.
 
-    python -m benchmarks.compile_check [--arch 80 86 89 90 120] [--quick] [--head-dims D ...]
-                                       [--jobs N] [--out DIR] [--baseline EARLIER_REPORT.md]
+    python -m benchmarks.tools.compile_check [--arch 80 86 89 90 120] [--quick] [--head-dims D ...]
+                                             [--jobs N] [--out DIR] [--baseline EARLIER_REPORT.md]
 
 Triton compiles ahead of time for any NVIDIA target with the ptxas it ships. For each target and
 each specialization the launchers pick there (dtype, head dim, causal, dropout; LayerNorm row

@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_attention, bench_layernorm, bench_quality, bench_train, tune_attention
+from benchmarks import bench_attention, bench_layernorm, bench_quality, bench_train
 from benchmarks.report import Timing, table_line
+from benchmarks.tools import tune_attention
 from tinygpt import optim
 
 CUDA = torch.cuda.is_available()
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 
 @pytest.fixture
@@ -39,7 +42,7 @@ def test_bench_as_the_readme_writes_it(tmp_path, run_command):
     """`tinygpt bench --quick`, the installed command, from a directory of the user's: every
     suite runs, the report accounts for every provider, and results land in ./bench-results,
     not in the checkout."""
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = ROOT
     tracked = sorted(os.listdir(checkout / "benchmarks" / "results"))
     command = Path(sys.executable).with_name("tinygpt")
     proc = run_command([str(command), "bench", "--quick"], cwd=tmp_path, timeout=600)
@@ -245,7 +248,7 @@ def test_ctrl_c_ends_tinygpt_bench_after_the_script_it_reached(monkeypatch, tmp_
     assert "**interrupted, partial**: layernorm-" in report.read_text()
 
 
-SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+SUITE = ROOT / "benchmarks" / "tools" / "gpu_suite.sh"
 
 
 def stand_in_python(tmp_path, pytest_seconds: float = 0.0) -> Path:
@@ -324,9 +327,8 @@ def test_gpu_suite_first_light_plan(tmp_path, run_command):
                          "benchmarks.bench_quality"]
     assert run["tinygpt"][0] == "doctor" and run["tinygpt"][1] == "--json"
     files = [a for a in run["pytest"] if a.startswith("tests/")]
-    assert files[:2] == ["tests/test_attention.py", "tests/test_layernorm.py"]
-    every = sorted(str(f.relative_to(SUITE.parents[1])) for f in SUITE.parents[1].glob(
-        "tests/test_*.py"))
+    assert files[:2] == ["tests/kernels/test_attention.py", "tests/kernels/test_layernorm.py"]
+    every = sorted(str(f.relative_to(ROOT)) for f in ROOT.glob("tests/**/test_*.py"))
     assert sorted(files) == every
     assert run["benchmarks.bench_layernorm"][:3] == ["--cases", "model", "bandwidth"]
     assert run["benchmarks.bench_attention"][:3] == ["--cases", "model", "goals"]

@@ -3,7 +3,7 @@
 # training-step benchmark, the time-to-quality run, a one-process NCCL torchrun and the
 # pytest-benchmark entries.
 #
-#   OUT=/somewhere DATA=path/to/tinyshakespeare.txt bash benchmarks/gpu_suite.sh [STAGE[:SECONDS]...]
+#   OUT=/somewhere DATA=path/to/tinyshakespeare.txt bash benchmarks/tools/gpu_suite.sh [STAGE[:SECONDS]...]
 #
 # STAGE: all (default), doctor, tests, kernels (= layernorm + attention), layernorm, attention,
 # train, quality, ddp, tune, generate, pytest-bench; stages run in that order whatever order they are
@@ -27,7 +27,7 @@
 # (default 8) processes when pytest-xdist is installed, lists its slowest tests and writes
 # tests-junit.xml, partial if the stage was stopped.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DEADLINE=${DEADLINE:-}
 MARGIN=${MARGIN:-20}
 for name in DEADLINE MARGIN; do
@@ -141,8 +141,9 @@ wants doctor && run doctor doctor $PY -m tinygpt doctor --json "$WORK/doctor-cud
 if wants tests; then
     # The kernels' tests first: under xdist the files run in the order given.
     test_files=()
-    for file in tests/test_{attention,layernorm,ops,backends,model,generate,train}.py \
-            tests/test_{training_rules,distributed}.py tests/test_*.py; do
+    for file in tests/kernels/test_{attention,layernorm}.py \
+            tests/model/test_{ops,backends,model,generate}.py \
+            tests/training/test_{train,training_rules,distributed}.py tests/test_*.py tests/*/test_*.py; do
         [[ -f "$file" && " ${test_files[*]} " != *" $file "* ]] && test_files+=("$file")
     done
     test_args=(-q -p no:cacheprovider --durations=30 --junitxml="$WORK/tests-junit.xml")
@@ -163,7 +164,7 @@ wants quality && run quality bench_quality $PY -m benchmarks.bench_quality \
 wants ddp && run ddp ddp_nccl_1proc $PY -m tinygpt torchrun --nproc_per_node=1 \
     train --preset shakespeare-char --max-iters 500 --eval-interval 250 --eval-iters 20 \
     --out-dir "$WORK/ddp" "${data_args[@]}"
-wants tune && run tune tune_attention $PY -m benchmarks.tune_attention --out "$RESULTS"
+wants tune && run tune tune_attention $PY -m benchmarks.tools.tune_attention --out "$RESULTS"
 wants generate && run generate bench_generate $PY -m benchmarks.bench_generate --out "$RESULTS"
 wants pytest-bench && run pytest-bench pytest_benchmarks $PY -m pytest benchmarks -q \
     -p no:cacheprovider --benchmark-enable --benchmark-json "$WORK/pytest-benchmark-cuda.json"

@@ -1,7 +1,7 @@
 """Data-parallel training on the CPU with gloo: two processes against one.
 
 The launches here are the README's: `tinygpt torchrun --nproc_per_node=2 train ...`, torchrun
-with tinygpt's checks and one-line errors (tests/test_hostile.py runs plain torchrun too)."""
+with tinygpt's checks and one-line errors (tests/cli/test_hostile.py runs plain torchrun too)."""
 
 import gc
 import os

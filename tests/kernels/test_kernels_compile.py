@@ -2,8 +2,8 @@
 within shared memory and without spilling registers, and dropout stays cheap.
 
 Checked without a GPU: Triton compiles ahead of time with the ptxas it ships, and the resource
-table comes from the cubin (benchmarks/compile_check.py). The interpreter, which the rest of the
-suite uses on the CPU, must be off in the child process.
+table comes from the cubin (benchmarks/tools/compile_check.py). The interpreter, which the rest
+of the suite uses on the CPU, must be off in the child process.
 """
 
 import importlib
@@ -16,11 +16,11 @@ import torch
 import triton
 from tinygpt.kernels.gpu import MIN_CAPABILITY, SHARED_MEMORY, Target
 
-from benchmarks import compile_check
+from benchmarks.tools import compile_check
 
 attention = importlib.import_module("tinygpt.kernels.attention")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 # A100; RTX 30xx and A10; H100 and H200. sm_89 (L4, RTX 40xx) is left to compile_check's full
@@ -41,7 +41,7 @@ def test_model_kernels_compile_for_every_target_without_spills(tmp_path, run_com
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     archs = [str(a) for a in ARCHS]
     proc = run_command(
-        [sys.executable, "-m", "benchmarks.compile_check", "--quick", "--arch", *archs,
+        [sys.executable, "-m", "benchmarks.tools.compile_check", "--quick", "--arch", *archs,
          "--out", str(tmp_path), "--baseline", str(BEFORE)], cwd=ROOT, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (report,) = tmp_path.glob("compile-sm80-86-90-*.md")

@@ -1,11 +1,14 @@
-"""The memory check's estimate against what a training step really keeps for its backward pass."""
+"""The memory check's estimate against what a training step really keeps for its backward pass,
+and running out of memory ending in one line that says what was kept."""
 
 import contextlib
 
 import pytest
 import torch
+from runs import one_line_error, run_cli
 
 from tinygpt import memory
+from tinygpt.checkpoint import load_checkpoint
 from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.model import GPT
 from tinygpt.optim import make_optimizer
@@ -64,3 +67,42 @@ def test_muon_needs_less_than_adamw_by_what_its_state_saves():
     estimate = {o: memory.training_bytes(cfg, 3, 0, autocast=False, optimizer=o)
                 for o in state}
     assert estimate["adamw"] - estimate["muon"] == state["adamw"] - state["muon"] > 0
+
+
+def _out_of_memory(*args, **kwargs):
+    raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                       "51539607552 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_out_of_memory_in_the_first_step_writes_nothing(tmp_path, capsys, corpus_path,
+                                                        monkeypatch):
+    """The step is tried on a batch of zeros before the first evaluation writes checkpoints."""
+    monkeypatch.setattr("tinygpt.model.GPT.forward", _out_of_memory)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
+                         "--device", "cpu", "--out-dir", str(out))
+    assert err.startswith("tinygpt: preset")  # the start line, then the error
+    one_line_error(rc, err.strip().splitlines()[-1] + "\n",
+                    "out of memory on cpu while trying a training step; lower --batch-size (12) "
+                    "or --block-size (64), or the model's --n-layer (4) or --n-embd (128) "
+                    "(nothing was written)")
+    assert not out.exists()
+
+
+def test_out_of_memory_later_keeps_the_checkpoints(tmp_path, capsys, corpus_path, monkeypatch):
+    from tinygpt.train import _Run
+
+    real_step, steps = _Run.step, []
+
+    def third_step_fails(self, it):
+        steps.append(it)
+        return _out_of_memory() if len(steps) == 3 else real_step(self, it)
+
+    monkeypatch.setattr(_Run, "step", third_step_fails)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
+                         "--device", "cpu", "--n-layer", "1", "--n-embd", "16", "--eval-iters",
+                         "1", "--out-dir", str(out))
+    one_line_error(rc, err.strip().splitlines()[-1] + "\n", "while training step 3; lower")
+    assert f"the checkpoints in {out}/ are kept" in err
+    assert load_checkpoint(out / "last.pt")["iteration"] == 0
