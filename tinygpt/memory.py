@@ -1,5 +1,6 @@
-"""Will a training run fit in the device's memory: a lower bound of what it needs, what the device
-has free, and out-of-memory errors turned into one line.
+"""Will a training run fit in the device's memory: a lower bound of what it needs against what the
+device has free, then a step tried on a batch of zeros before anything is written, and
+out-of-memory errors turned into one line.
 """
 
 from __future__ import annotations

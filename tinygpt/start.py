@@ -1,7 +1,7 @@
 """How a run starts: new from a preset, or resumed from `OUT_DIR/last.pt`. The configs, the text
 and its record (path and sha256, which checkpoints keep) are settled here, before anything is
 built; a resumed run must agree with its checkpoint on the model, the optimizer, the vocabulary
-and the text, whose state it takes once its parts are built (`restore`)."""
+and the text. Once the run's parts are built, `restore` puts the checkpoint's state into them."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from . import streams
 from .checkpoint import check_training_state, load_checkpoint
 from .config import ModelConfig, TrainConfig, refuse_unused
-from .data import SHAKESPEARE_SHA256, Tokenizer, default_corpus, read_corpus
+from .data import SHAKESPEARE_SHA256, Batches, Tokenizer, default_corpus, read_corpus
 from .errors import UserError
 from .launch import Context
+from .optim import Optimizers
 from .rundir import existing_checkpoints
 
 
@@ -70,7 +73,8 @@ def settle(preset: str, configs: tuple[ModelConfig, TrainConfig] | None, overrid
                  ckpt, ckpt_path, replacing if overwrite else [])
 
 
-def restore(start: Start, model, optimizer, batches, ctx: Context) -> tuple[int, float, bool]:
+def restore(start: Start, model: torch.nn.Module, optimizer: Optimizers, batches: Batches,
+            ctx: Context) -> tuple[int, float, bool]:
     """Where the run goes from: the iteration, the best validation loss so far, and whether that
     iteration's evaluation is done. A resumed run's checkpoint goes into its parts (weights,
     optimizer state, random streams), each checked before any of it is loaded."""
