@@ -4,6 +4,7 @@ report."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import gc
@@ -386,8 +387,6 @@ def gather(results: list[Path], out_dir: Path, heading: str, failures: list[str]
 def main(argv: list[str] | None = None) -> None:
     """python -m benchmarks.report DIR [HEADING] [--results FILE...] [--failed SCRIPT...]:
     gather the results (default: every .json in DIR) into one report in DIR."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
     parser.add_argument("folder", type=Path)
     parser.add_argument("heading", nargs="?", default="")

@@ -38,7 +38,7 @@ class Start:
 
 
 def settle(preset: str, configs: tuple[ModelConfig, TrainConfig] | None, overrides: dict,
-           out_dir: Path, ctx: Context, data: str | None, new_data: bool,
+           out_dir: Path, ctx: Context, data: str | None, *, new_data: bool,
            overwrite: bool) -> Start:
     """A new run from `configs` (the preset with `overrides`), or with `configs` None, the run
     that `out_dir/last.pt` holds, resumed with `overrides`. A new run refuses an out_dir with

@@ -30,12 +30,9 @@ def set_state(batches: Batches, device: torch.device, saved: tuple) -> None:
 
 def gathered(batches: Batches, device: torch.device) -> dict:
     """Every rank's streams, for a checkpoint's "rng"; every rank must call this."""
-    cuda = device.type == "cuda"
-    torch_states = distributed.gather(torch.get_rng_state())
-    cuda_states = distributed.gather(torch.cuda.get_rng_state(device) if cuda else None)
-    batch_states = distributed.gather(batches.state())
-    return {"torch": torch_states, "cuda": cuda_states if cuda else None,
-            "batches": Batches.merge_states(batch_states)}
+    positions, cpu, cuda = zip(*distributed.gather(state(batches, device)))  # each: one a rank
+    return {"torch": list(cpu), "cuda": list(cuda) if device.type == "cuda" else None,
+            "batches": Batches.merge_states(list(positions))}
 
 
 def restore(rng: dict, batches: Batches, device: torch.device, ctx: Context) -> None:

@@ -49,7 +49,8 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
     # Rank 0 writes the checkpoints, so it holds the directory.
     with OutDirLock(out_dir) if ctx.is_main else contextlib.nullcontext(), \
             StopRequest(speak=ctx.is_main) as stop, threads.count_kept():
-        start = settle(preset, configs, overrides, out_dir, ctx, data, new_data, overwrite)
+        start = settle(preset, configs, overrides, out_dir, ctx, data, new_data=new_data,
+                       overwrite=overwrite)
         device = pick_device(start.cfg.device, ctx.local_rank if ctx.enabled else None)
         stop.check()
         with distributed.session(ctx, device, join_timeout):
