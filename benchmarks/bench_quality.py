@@ -6,18 +6,20 @@ learning rates over seeds.
     python -m benchmarks.bench_quality --preset cpu-baby --sweep --adamw 1e-3 3e-3 5e-3 \\
         --muon 0.01 0.02 0.04 --seeds 1 2 3 --jobs 2
 
-A single run writes OUT/<preset>-train-<device>-<date>.md: every evaluation (step, wall seconds,
-train and val loss), the best val loss, and the wall time at which the val loss first reached the
-target. Extra config overrides go in `--set FIELD VALUE`.
+A single run writes OUT/<preset>-train[-<tag>]-<device>-<date>.md: every evaluation (step, wall
+seconds, train and val loss), the best val loss, and the wall time at which the val loss first
+reached the target. Extra config overrides go in `--set FIELD VALUE`.
 
-A sweep trains each configuration (AdamW at each `--adamw` rate; Muon at each `--muon` rate with
-AdamW at `--lr` for the other parameters) once per seed, `--jobs` runs at a time with the threads
-shared out among them. Then it times training steps of both optimizers side by side (interleaved
-in one process, at the runs' thread count) and writes OUT/<preset>-sweep[-<tag>]-<device>-<date>
-.md, .json (with every run's evaluations) and .svg: val loss at fixed steps, steps to the target
-(by default the mean final loss of AdamW at 1e-3, nanoGPT's recipe) and their time at the measured
-ms/step, mean and spread over seeds, and the mean loss curves. It checks its own results before
-writing them (`check_sweep`).
+A sweep trains each configuration (AdamW at each `--adamw` rate; Muon at each `--muon` rate, with
+each of `--ns-steps` Newton-Schulz iterations, and AdamW at `--lr` for the other parameters; each
+of those at every combination of the `--vary FIELD VALUE...` values) once per seed, `--jobs` runs
+at a time with the threads shared out among them. It first times the configurations' training
+steps side by side (interleaved in one process, at the runs' thread count; on a CPU with AVX-512
+or bf16 units, once more as an AVX2-only CPU, `report.AVX2_ONLY`) and writes
+OUT/<preset>-sweep[-<tag>]-<device>-<date> .md, .json (with every run's evaluations) and .svg: val
+loss at fixed steps, steps to the target (by default the mean final loss of AdamW at 1e-3,
+nanoGPT's recipe) and their time at the measured ms/step, mean and spread over seeds, and the
+mean loss curves. It checks its own results before writing them (`check_sweep`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import io
+import itertools
 import math
 import multiprocessing
 import statistics
@@ -35,13 +38,16 @@ import time
 
 import torch
 
-from benchmarks.bench_train import optimizer_steps
+from benchmarks.bench_train import DEVICE, optimizer_steps, optimizer_steps_as
 from benchmarks.plot import line_plot
 from benchmarks.report import (
+    AVX2_ONLY,
+    AVX2_ONLY_WORDS,
     DEVICE_TAG,
     SHARED_CORPUS,
     add_out_argument,
     environment,
+    simulates_another_cpu,
     write_report,
 )
 from tinygpt.config import from_preset
@@ -50,21 +56,44 @@ from tinygpt.train import train
 PARITY_LR = 1e-3  # nanoGPT's AdamW rate: the sweep's default target is this config's final loss
 
 
+# Fields that change what a step computes, not how long it takes.
+TIMELESS = {"lr", "muon_lr", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1",
+            "beta2", "grad_clip", "seed"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     optimizer: str
     lr: float  # AdamW's, for every parameter or (muon) for those Muon does not take
     muon_lr: float | None = None
+    ns_steps: int | None = None  # Muon's Newton-Schulz iterations (None: the preset's)
+    varied: tuple[tuple[str, object], ...] = ()  # (field, value) pairs from --vary
 
     @property
     def label(self) -> str:
         if self.optimizer == "muon":
-            return f"muon {self.muon_lr:g} (+ adamw {self.lr:g})"
-        return f"adamw {self.lr:g}"
+            name = f"muon {self.muon_lr:g}{self._iterations} (+ adamw {self.lr:g})"
+        else:
+            name = f"adamw {self.lr:g}"
+        return name + "".join(f", {k} {v:g}" if isinstance(v, float) else f", {k} {v}"
+                              for k, v in self.varied)
+
+    @property
+    def _iterations(self) -> str:
+        return f", {self.ns_steps} iterations" if self.ns_steps is not None else ""
+
+    @property
+    def step_label(self) -> str:
+        """What its step time depends on: the optimizer (with Muon's iterations) and the varied
+        fields that change a step's cost."""
+        return (self.optimizer + (self._iterations if self.optimizer == "muon" else "")
+                + "".join(f", {k} {v}" for k, v in self.varied if k not in TIMELESS))
 
     def overrides(self) -> dict:
         extra = {"muon_lr": self.muon_lr} if self.optimizer == "muon" else {}
-        return {"optimizer": self.optimizer, "lr": self.lr, **extra}
+        if self.optimizer == "muon" and self.ns_steps is not None:
+            extra["muon_ns_steps"] = self.ns_steps
+        return {"optimizer": self.optimizer, "lr": self.lr, **extra, **dict(self.varied)}
 
 
 def main() -> None:
@@ -84,6 +113,12 @@ def main() -> None:
                        help="AdamW learning rates")
     sweep.add_argument("--muon", type=float, nargs="*", default=[], metavar="LR",
                        help="Muon learning rates")
+    sweep.add_argument("--ns-steps", type=int, nargs="+", default=[None], metavar="K",
+                       help="Muon's Newton-Schulz iterations: each --muon rate with each "
+                            "(default: the preset's)")
+    sweep.add_argument("--vary", nargs="+", action="append", default=[],
+                       metavar=("FIELD", "VALUE"), help="every config at each value of a config "
+                       "field (repeatable: every combination), e.g. --vary batch_size 12 24")
     sweep.add_argument("--lr", type=float, default=PARITY_LR,
                        help="AdamW's rate for what Muon does not take (default %(default)g)")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -94,18 +129,30 @@ def main() -> None:
     sweep.add_argument("--timing", type=int, nargs=2, default=[12, 10],
                        metavar=("ROUNDS", "STEPS"), help="side-by-side step timing: rounds, and "
                        "steps a round (default: 12 10)")
-    sweep.add_argument("--tag", default=None,
-                       help="added to the report's name: OUT/<preset>-sweep-<tag>-<device>-<date>")
+    parser.add_argument("--tag", default=None,
+                        help="added to the report's name: OUT/<preset>-train-<tag>-<device>-"
+                             "<date>, or OUT/<preset>-sweep-<tag>-...")
     args = parser.parse_args()
     overrides = {k: type_of(k)(v) for k, v in args.set}
     if args.sweep:
-        configs = ([Config("adamw", lr) for lr in args.adamw]
-                   + [Config("muon", args.lr, lr) for lr in args.muon])
+        if any(len(v) < 2 for v in args.vary):
+            parser.error("--vary needs a field and at least one value")
+        configs = sweep_configs(args)
         if not configs:
             parser.error("--sweep needs learning rates: --adamw LR ... and/or --muon LR ...")
         run_sweep(args, configs, overrides)
     else:
         single_run(args, overrides)
+
+
+def sweep_configs(args: argparse.Namespace) -> list[Config]:
+    """AdamW at each --adamw rate, Muon at each --muon rate with each --ns-steps; each at every
+    combination of the --vary values."""
+    variations = list(itertools.product(*[[(field, type_of(field)(v)) for v in values]
+                                          for field, *values in args.vary]))
+    return ([Config("adamw", lr, varied=v) for lr in args.adamw for v in variations]
+            + [Config("muon", args.lr, lr, k, v) for lr in args.muon for k in args.ns_steps
+               for v in variations])
 
 
 def single_run(args: argparse.Namespace, overrides: dict) -> None:
@@ -127,7 +174,8 @@ def single_run(args: argparse.Namespace, overrides: dict) -> None:
     )
     print(notes)
     stopped = summary["interrupted_by"]  # train() answers Ctrl-C by stopping after a step
-    write_report(args.out, f"{args.preset}-train", f"Training run: {args.preset} preset",
+    name = f"{args.preset}-train" + (f"-{args.tag}" if args.tag else "")
+    write_report(args.out, name, f"Training run: {args.preset} preset",
                  ["step", "wall s", "train loss", "val loss"], rows, environment(), notes,
                  interrupted=bool(stopped))
     if stopped:
@@ -175,23 +223,30 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
-def sweep_table(results: dict[str, list[dict]], target: float, ms: dict[str, float],
-                at: list[int]) -> tuple[list[str], list[list[str]]]:
-    """One row a config: val loss at the steps `at` and steps and seconds to `target`."""
+def sweep_table(results: dict[str, list[dict]], target: float,
+                ms: dict[str, dict[str, float]], at: list[int]
+                ) -> tuple[list[str], list[list[str]]]:
+    """One row a config: val loss at the steps `at`, steps to `target`, and for each machine
+    (`ms`: machine name -> config -> ms/step; "" for this one) the time that takes."""
     headers = (["config", "seeds"] + [f"val @ {s}" for s in at]
-               + [f"steps to {target:.4f} (each seed)", "ms/step", "tok/s", "s to target"])
+               + [f"steps to {target:.4f} (each seed)"])
+    for machine in ms:
+        where = f" ({machine})" if machine else ""
+        headers += [f"ms/step{where}", f"tok/s{where}", f"s to target{where}"]
     rows = []
     for label, runs in results.items():
         reached = [steps_to(r["history"], target) for r in runs]
         vals = [[next(h["val"] for h in r["history"] if h["iter"] == s) for r in runs]
                 for s in at]
         mean_steps = statistics.mean(reached) if None not in reached else None
-        rows.append(
-            [label, str(len(runs))] + [_mean_sd(v) for v in vals]
-            + [(f"{mean_steps:.0f}" if mean_steps is not None else "not all reached")
-               + f" ({', '.join('-' if s is None else str(s) for s in reached)})",
-               f"{ms[label]:.2f}", f"{runs[0]['tokens_per_step'] / ms[label] * 1000:,.0f}",
-               f"{mean_steps * ms[label] / 1000:.1f}" if mean_steps is not None else "-"])
+        row = ([label, str(len(runs))] + [_mean_sd(v) for v in vals]
+               + [(f"{mean_steps:.0f}" if mean_steps is not None else "not all reached")
+                  + f" ({', '.join('-' if s is None else str(s) for s in reached)})"])
+        for times in ms.values():
+            speed = runs[0]["tokens_per_step"] / times[label] * 1000
+            row += [f"{times[label]:.2f}", f"{speed:,.0f}",
+                    f"{mean_steps * times[label] / 1000:.1f}" if mean_steps is not None else "-"]
+        rows.append(row)
     return headers, rows
 
 
@@ -205,10 +260,17 @@ def run_sweep(args: argparse.Namespace, configs: list[Config], overrides: dict) 
     print(f"timing a step of each optimizer side by side ({threads} threads)", flush=True)
     torch.set_num_threads(threads)
     # the step time does not depend on the learning rates
-    timed = optimizer_steps(args.preset, {c.optimizer: ({**base, "optimizer": c.optimizer}, False)
-                                          for c in configs}, *args.timing)
-    ms = {c.label: statistics.median(timed[c.optimizer][0]) for c in configs}
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+    rows = {c.step_label: ({**base, **c.overrides()}, None) for c in configs}
+    machines = {"": optimizer_steps(args.preset, rows, *args.timing)}
+    if DEVICE.type == "cpu" and simulates_another_cpu():
+        print(f"and as a CPU with AVX2 only ({AVX2_ONLY_WORDS})", flush=True)
+        machines["AVX2 only"] = optimizer_steps_as(AVX2_ONLY, args.preset, rows, *args.timing)
+    ms = {machine: {c.label: statistics.median(timed[c.step_label][0]) for c in configs}
+          for machine, timed in machines.items()}
+    tokens = {}  # config label -> tokens a step
+    for c in configs:
+        c_model, c_train = from_preset(args.preset, **{**base, **c.overrides()})
+        tokens[c.label] = c_train.batch_size * c_train.grad_accum * c_model.block_size
     results: dict[str, list[dict]] = {c.label: [] for c in configs}
     jobs = [(c, seed) for seed in args.seeds for c in configs]
     started = time.perf_counter()
@@ -219,7 +281,7 @@ def run_sweep(args: argparse.Namespace, configs: list[Config], overrides: dict) 
                    for c, seed in jobs}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             config, seed = futures[future]
-            run = {**future.result(), "seed": seed, "tokens_per_step": tokens_per_step}
+            run = {**future.result(), "seed": seed, "tokens_per_step": tokens[config.label]}
             results[config.label].append(run)
             print(f"[{done}/{len(jobs)}] {config.label} seed {seed}: val "
                   f"{run['history'][-1]['val']:.4f} at step {run['steps']} ({run['seconds']:.0f} s;"
@@ -240,12 +302,14 @@ def run_sweep(args: argparse.Namespace, configs: list[Config], overrides: dict) 
     best = min(results, key=lambda k: statistics.mean(r["history"][-1]["val"]
                                                       for r in results[k]))
     preset_cfg = from_preset(args.preset)[1]
-    default = (Config("muon", preset_cfg.lr, preset_cfg.muon_lr) if preset_cfg.optimizer == "muon"
-               else Config("adamw", preset_cfg.lr)).label
+    default = (Config("muon", preset_cfg.lr, preset_cfg.muon_lr,
+                      preset_cfg.muon_ns_steps if args.ns_steps != [None] else None)
+               if preset_cfg.optimizer == "muon" else Config("adamw", preset_cfg.lr)).label
     name = f"{args.preset}-sweep" + (f"-{args.tag}" if args.tag else "")
     env = environment()
     notes = "\n".join([
-        f"- {len(jobs)} runs of {cfg.max_iters} steps ({tokens_per_step:,} tokens a step), "
+        f"- {len(jobs)} runs of {cfg.max_iters} steps "
+        f"({' or '.join(f'{t:,}' for t in dict.fromkeys(tokens.values()))} tokens a step), "
         f"evaluated every {interval} steps over {cfg.eval_iters} batches a split; {args.jobs} "
         f"at a time, {threads} threads each, {time.perf_counter() - started:.0f} s in all",
         f"- target: {target:.4f}" + (f", the mean final val loss of {parity}"
@@ -253,7 +317,10 @@ def run_sweep(args: argparse.Namespace, configs: list[Config], overrides: dict) 
         f"- ms/step: median of {args.timing[0]} rounds of {args.timing[1]} steps, the optimizers "
         "interleaved in one process "
         f"(`bench_train.optimizer_steps`), {threads} threads; s to target = mean steps to target "
-        "x ms/step (evaluations left out)",
+        "x ms/step (evaluations left out)"
+        + (f"; (AVX2 only): the same timing in a fresh process with {AVX2_ONLY_WORDS}"
+           if len(machines) > 1 else "; this CPU has neither AVX-512 nor bf16 units: it is "
+           "itself the AVX2-only kind"),
         f"- best final val loss: {best}; the preset's default when this ran: {default}"
         + ("" if best == default else " (**not the best measured here**)"),
         f"- config overrides: {overrides}" if overrides else "",

@@ -25,19 +25,28 @@ takes longer on the CPU than the rest of the suite's benchmarks together).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.report import (
+    AVX2_ONLY,
+    AVX2_ONLY_WORDS,
     Interruptible,
     add_out_argument,
     back_to_back_ms,
     environment,
     peak_tflops,
     release_memory,
+    simulates_another_cpu,
     skip_reason,
     synchronized,
     write_report,
@@ -45,7 +54,7 @@ from benchmarks.report import (
 from tinygpt.config import from_preset
 from tinygpt.model import build_model
 from tinygpt.ops import precision
-from tinygpt.optim import hidden_matrices, make_optimizer
+from tinygpt.optim import Precision, hidden_matrices, make_optimizer, newton_schulz_precision
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = "shakespeare-char" if DEVICE.type == "cuda" else "cpu-baby"
@@ -120,27 +129,36 @@ def goal(name: str, ms: dict[str, float]) -> str:
     return "; ".join(verdicts)
 
 
-# row -> (config overrides, whether torch.optim.Muon takes the place of tinygpt's Muon)
-OPTIMIZER_ROWS = {"adamw": ({"optimizer": "adamw"}, False),
-                  "muon": ({"optimizer": "muon"}, False),
-                  "torch.optim.Muon": ({"optimizer": "muon"}, True)}
+def optimizer_rows(device: torch.device = DEVICE) -> dict[str, tuple[dict, str | None]]:
+    """Row -> (config overrides, what changes in the Muon part: None; "torch", torch.optim.Muon
+    in its place; or "bf16" / "fp32", its Newton-Schulz forced to that dtype). The rows: AdamW,
+    Muon as the preset runs it on this machine, Muon in the other precision, and torch's."""
+    chosen = newton_schulz_precision(device).dtype
+    other = "fp32" if chosen == torch.bfloat16 else "bf16"
+    return {"adamw": ({"optimizer": "adamw"}, None),
+            "muon": ({"optimizer": "muon"}, None),
+            f"muon, Newton-Schulz in {other}": ({"optimizer": "muon"}, other),
+            "torch.optim.Muon": ({"optimizer": "muon"}, "torch")}
 
 
-def optimizer_steps(preset: str, rows: dict[str, tuple[dict, bool]], rounds: int = 12,
+def optimizer_steps(preset: str, rows: dict[str, tuple[dict, str | None]], rounds: int = 12,
                     steps: int = 10, device: torch.device = DEVICE
                     ) -> dict[str, tuple[list[float], list[float]]]:
-    """Per row (see OPTIMIZER_ROWS), the ms of a training step and of its optimizer step alone,
-    one value a round: each round times `steps` steps of every row in turn, after a round of
-    warm-up. Every row starts from the same weights and steps on the same batch."""
+    """Per row (see `optimizer_rows`), the ms of a training step and of its optimizer step
+    alone, one value a round: each round times `steps` steps of every row in turn, after a round
+    of warm-up. Every row starts from the same weights and steps on the same batch."""
     runs = {}
-    for label, (overrides, torch_muon) in rows.items():
+    for label, (overrides, swap) in rows.items():
         model_cfg, cfg = from_preset(preset, **overrides)
         torch.manual_seed(0)
         model = build_model(model_cfg).to(device)
         optimizer = make_optimizer(model, cfg, device)
-        if torch_muon:
+        if swap == "torch":
             optimizer.parts["muon"] = torch.optim.Muon(hidden_matrices(model), lr=cfg.muon_lr,
                                                        weight_decay=cfg.weight_decay)
+        elif swap is not None:
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[swap]
+            optimizer.parts["muon"].precision = Precision(dtype, None, "asked for")
         x, y = torch.randint(0, model_cfg.vocab_size, (2, cfg.batch_size, model_cfg.block_size),
                              device=device)  # (B, T) each
         runs[label] = (model, optimizer, x, y, cfg.grad_clip)
@@ -170,26 +188,63 @@ def optimizer_steps(preset: str, rows: dict[str, tuple[dict, bool]], rounds: int
     return times
 
 
+def optimizer_steps_as(environ: dict[str, str], preset: str,
+                       rows: dict[str, tuple[dict, str | None]], rounds: int = 12,
+                       steps: int = 10) -> dict[str, tuple[list[float], list[float]]]:
+    """`optimizer_steps` on the CPU in a fresh process with `environ` added (the instruction
+    sets a CPU of another kind has: `report.AVX2_ONLY`), at this process's thread count."""
+    with tempfile.TemporaryDirectory() as scratch:
+        job = Path(scratch) / "rows.json"
+        job.write_text(json.dumps({"preset": preset, "rows": rows, "rounds": rounds,
+                                   "steps": steps, "threads": torch.get_num_threads()}))
+        subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--time-rows", str(job)],
+                       env={**os.environ, **environ}, check=True)
+        return {label: tuple(t) for label, t in json.loads(job.read_text())["times"].items()}
+
+
+def _time_rows(job: Path) -> None:
+    """The child's side of `optimizer_steps_as`: times the job's rows, writes them into it."""
+    spec = json.loads(job.read_text())
+    torch.set_num_threads(spec["threads"])
+    times = optimizer_steps(spec["preset"], {k: tuple(v) for k, v in spec["rows"].items()},
+                            spec["rounds"], spec["steps"], torch.device("cpu"))
+    job.write_text(json.dumps({**spec, "times": times}))
+
+
 def optimizers_table(args: argparse.Namespace) -> None:
     preset = args.preset or PRESET
     per_round = max(1, args.steps // args.rounds)
-    timed = optimizer_steps(preset, OPTIMIZER_ROWS, args.rounds, per_round)
+    rows = optimizer_rows()
+    machines = {"": optimizer_steps(preset, rows, args.rounds, per_round)}
+    if DEVICE.type == "cpu" and simulates_another_cpu():
+        print(f"the same rows as a CPU with AVX2 only ({AVX2_ONLY_WORDS})", flush=True)
+        machines[" (AVX2 only)"] = optimizer_steps_as(AVX2_ONLY, preset, rows, args.rounds,
+                                                      per_round)
     model_cfg, cfg = from_preset(preset)
     tokens = cfg.batch_size * model_cfg.block_size
-    ms = {label: statistics.median(step) for label, (step, _) in timed.items()}
-    rows = [[label, f"{ms[label]:.2f}", f"{tokens / ms[label] * 1000:,.0f}",
-             f"{statistics.median(opt):.2f}", f"{ms[label] / ms['adamw']:.3f}x"]
-            for label, (_, opt) in timed.items()]
+    table = []
+    for suffix, timed in machines.items():
+        ms = {label: statistics.median(step) for label, (step, _) in timed.items()}
+        table += [[label + suffix, f"{ms[label]:.2f}", f"{tokens / ms[label] * 1000:,.0f}",
+                   f"{statistics.median(opt):.2f}", f"{ms[label] / ms['adamw']:.3f}x"]
+                  for label, (_, opt) in timed.items()]
+    muon = make_optimizer(build_model(model_cfg), cfg, DEVICE).parts.get("muon")
+    how = (f"{len(muon.coefficients)} Newton-Schulz iterations in {muon.precision.words}"
+           if muon is not None else "")
+    simulated = ("" if len(machines) > 1 else
+                 " This CPU has neither AVX-512 nor bf16 units: it is itself the AVX2-only kind.")
     write_report(
         args.out, f"optimizer_step-{preset}", f"Training step by optimizer, {preset} preset "
         f"({DEVICE.type}, {torch.get_num_threads()} threads)",
-        ["optimizer", "ms/step", "tokens/s", "of which optimizer ms", "step vs adamw"], rows,
+        ["optimizer", "ms/step", "tokens/s", "of which optimizer ms", "step vs adamw"], table,
         environment(),
         notes=f"Medians over {args.rounds} rounds of {per_round} steps a row, the rows "
               "interleaved round by round after a warm-up round; one batch of the preset's size, "
-              "the same initial weights. muon: Muon for the blocks' matrices, AdamW for the rest "
-              "(tinygpt.optim.Muon, or torch.optim.Muon in its place); ratio: this row's step "
-              "time over AdamW's.")
+              "the same initial weights. muon: Muon for the blocks' matrices, AdamW for the rest, "
+              f"as the preset runs it here ({how}); the next row forces the other precision, and "
+              "torch.optim.Muon takes tinygpt's place in the last. Ratio: this row's step time "
+              "over AdamW's on the same machine. (AVX2 only): the rows again in a fresh process "
+              f"with {AVX2_ONLY_WORDS}." + simulated)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,10 +262,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="AdamW against Muon on one model (see above)")
     parser.add_argument("--preset", default=None,
                         help=f"with --optimizers: the model (default: {PRESET})")
+    parser.add_argument("--time-rows", type=Path, help=argparse.SUPPRESS)  # optimizer_steps_as
     add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.time_rows is not None:
+        _time_rows(args.time_rows)
+        return
     if args.load:
         from benchmarks.load import thread_settings_table
 

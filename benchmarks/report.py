@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tinygpt.bench import DEFAULT_OUT
+from tinygpt.devices import cpu_bf16_units, cpu_words
 
 CUDA = torch.cuda.is_available()
 DEVICE_TAG = "cuda" if CUDA else "cpu"  # in every result's file name
@@ -73,10 +74,23 @@ def peak_tflops() -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
+# A CPU with AVX2 and nothing wider, as on many laptops: oneDNN's kernels (bf16 products among
+# them), MKL's (fp32 products) and torch's own each kept to AVX2 by their variable.
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2_ONLY_WORDS = ", ".join(f"{k}={v}" for k, v in AVX2_ONLY.items())
+
+
+def simulates_another_cpu() -> bool:
+    """Whether `AVX2_ONLY` makes this CPU look like another: it has AVX-512 or bf16 units."""
+    return (torch.backends.cpu.get_cpu_capability() != "AVX2"
+            or cpu_bf16_units({})[0] is not None)
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU: {cpu_words()}, {torch.get_num_threads()} threads"
 
 
 def environment() -> dict[str, str]:

@@ -72,13 +72,16 @@ def _preset_defaults(chosen: str | None) -> dict[str, str]:
     """Each config field's default as `train --help` shows it: the chosen preset's value, or
     every preset's where they differ."""
     names = [chosen] if chosen in PRESETS else list(PRESETS)
-    unused = {f.name for f in fields_of(ModelConfig) if f.metadata.get("gpt_only")}
+    gpt_only = {f.name for f in fields_of(ModelConfig) if f.metadata.get("gpt_only")}
+    muon_only = {f.name for f in fields_of(TrainConfig) if f.metadata.get("muon_only")}
     configs = {}
     for name in names:
         model, train = from_preset(name)
         configs[name] = {**vars(model), **vars(train)}
         if model.model == "bigram":
-            configs[name].update(dict.fromkeys(unused, "not used"))
+            configs[name].update(dict.fromkeys(gpt_only, "not used"))
+        if train.optimizer != "muon":
+            configs[name].update(dict.fromkeys(muon_only, "not used"))
     shown = {}
     for field, value in configs[names[0]].items():
         values = {name: config[field] for name, config in configs.items()}

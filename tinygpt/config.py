@@ -134,10 +134,15 @@ class TrainConfig:
     lr: float = _f(1e-3, "AdamW's peak learning rate", above=0.0)
     muon_lr: float = _f(0.02, "Muon's peak learning rate (--optimizer muon)", above=0.0,
                         muon_only=True)
-    min_lr: float = _f(1e-4, "AdamW's learning rate at the end of the cosine decay (at most lr; "
+    muon_ns_steps: int = _f(5, "Newton-Schulz iterations of Muon's orthogonalization (--optimizer "
+                                "muon), with Polar Express's polynomial for each", at_least=1,
+                            at_most=10, muon_only=True)
+    min_lr: float = _f(1e-4, "AdamW's learning rate at the end of the decay (at most lr; "
                              "Muon's ends at the same fraction of its peak)", at_least=0.0)
     warmup_iters: int = _f(100, "linear warm-up steps", at_least=0)
-    lr_decay_iters: int = _f(5000, "step at which the cosine decay reaches min_lr", at_least=0)
+    lr_decay_iters: int = _f(5000, "step at which the decay reaches min_lr", at_least=0)
+    lr_decay: str = _f("cosine", "shape of the decay from lr to min_lr: cosine, or linear",
+                       choices=("cosine", "linear"))
     beta1: float = _f(0.9, "AdamW beta1", at_least=0.0, below=1.0)
     beta2: float = _f(0.99, "AdamW beta2", at_least=0.0, below=1.0)
     weight_decay: float = _f(0.1, "weight decay, applied to 2-D weights only", at_least=0.0)
@@ -198,7 +203,7 @@ PRESETS: dict[str, dict] = {
     "cpu-baby": dict(
         n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
         batch_size=12, max_iters=2000, lr_decay_iters=2000, eval_iters=20,
-        optimizer="muon", lr=3e-3, muon_lr=0.02,
+        optimizer="muon", lr=3e-3, muon_lr=0.02, muon_ns_steps=3,
     ),
     # The first model of the lesson: next character from the current one alone.
     "bigram": dict(

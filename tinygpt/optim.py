@@ -1,71 +1,211 @@
 """The optimizers and their schedule: AdamW for every parameter, or Muon for the blocks' weight
-matrices with AdamW for the rest; one warm-up and cosine decay drives both.
+matrices with AdamW for the rest; one warm-up and decay drives both.
 
-Muon (Keller Jordan, 2024) moves a weight matrix along its Nesterov momentum made orthogonal.
-Five steps of the Newton-Schulz iteration X <- aX + b(XX^T)X + c(XX^T)^2 X, from the momentum
-scaled to unit Frobenius norm, take every singular value to about 1 whatever it was, so that a
-step changes the matrix by as much in its rarely used directions as in its dominant ones. The
-math and the default coefficients are torch.optim.Muon's, and the tests hold this one to it; this
-one orthogonalizes all matrices of a shape at once, in one batched product (bf16, as torch's),
-where torch's takes them one by one. Embeddings, the tied head and LayerNorm gains are not hidden
-matrices: Muon's uniform step does not suit them, and AdamW keeps them.
+Muon (Keller Jordan, 2024) moves a weight matrix along its Nesterov momentum made orthogonal: the
+momentum, scaled to unit Frobenius norm, goes through a few odd polynomials X <- aX + b(XX^T)X +
+c(XX^T)^2 X, which take every singular value towards 1 whatever it was, so that a step changes the
+matrix by as much in its rarely used directions as in its dominant ones. The polynomials are
+Polar Express's (Amsel, Persson, Musco and Gower, 2025): one per iteration, each the best for the
+range of singular values the previous ones left, so that fewer iterations get as close to 1 as
+Keller Jordan's fixed one did in five. All matrices of a shape go through one batched product.
+
+The products run in bf16 where bf16 matrix units make them fast (`newton_schulz_precision`), in
+fp32 elsewhere: a CPU without such units emulates bf16 at several times fp32's cost. In fp32,
+a wide matrix (cols above 1.5x rows) iterates on its small Gram matrix XX^T instead (Gram
+Newton-Schulz, Dao AI Lab 2026): fewer FLOPs, for about 5 of fp32's bits (bf16 has 8 in all;
+in bf16 the Gram form needs restarts, so it runs the direct one).
+
+Embeddings, the tied head and LayerNorm gains are not hidden matrices: Muon's uniform step does
+not suit them, and AdamW keeps them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import os
+from collections.abc import Sequence
 
 import torch
 
 from .config import TrainConfig
+from .devices import cpu_bf16_units
+from .threads import count_kept, plural
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # a, b, c: steep at 0, so few iterations suffice
-NS_STEPS = 5
 NS_EPS = 1e-7
+# Polar Express's design: the polynomials take singular values in [LOWEST, 1] (of the momentum
+# over its Frobenius norm, itself over 1 + SAFETY) towards 1; SAFETY keeps rounding from pushing a
+# value past where the next polynomial is made for; below CUSHION x the top, a polynomial is not
+# made steeper (its slope at 0 would grow without bound for little gain).
+LOWEST, SAFETY, CUSHION = 1e-3, 0.02, 0.02
+GRAM_ASPECT = 1.5  # the Gram form takes fewer FLOPs for matrices wider than this, at any count
+
+
+def _best_quintic(low: float, high: float) -> tuple[float, float, float]:
+    """The odd quintic p(x) = ax + bx^3 + cx^5 closest to 1 over [low, high] in the max norm,
+    by Remez exchange: the error 1 - p equioscillates at the ends and at p's two critical points
+    in between."""
+    if low / high > 1 - 5e-6:  # the interval is a point: p is Newton-Schulz's own, scaled to it
+        return 15 / 8 / high, -10 / 8 / high**3, 3 / 8 / high**5
+    nodes = [low, (3 * low + high) / 4, (low + 3 * high) / 4, high]
+    for _ in range(100):
+        rows = [[x, x**3, x**5, (-1) ** i] for i, x in enumerate(nodes)]  # p(x_i) + (-1)^i E = 1
+        a, b, c, _ = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64),
+                                        torch.ones(4, dtype=torch.float64)).tolist()
+        root = math.sqrt(9 * b * b - 20 * a * c)  # p'(x) = a + 3bx^2 + 5cx^4 = 0 at x^2 =
+        inner = sorted(math.sqrt((-3 * b + sign * root) / (10 * c)) for sign in (-1, 1))
+        moved = max(abs(x - y) for x, y in zip(inner, nodes[1:3]))
+        nodes = [low, *inner, high]
+        if moved < 1e-15:
+            break
+    return a, b, c
+
+
+@functools.cache
+def polar_express(steps: int) -> tuple[tuple[float, float, float], ...]:
+    """Polar Express's coefficients (a, b, c) for `steps` iterations, each polynomial the best
+    for the interval of singular values its predecessors leave (greedy, as the paper's), with
+    SAFETY and CUSHION as modded-nanogpt's (its five: `polar_express(5)`)."""
+    low, high, found = LOWEST, 1.0, []
+    for i in range(steps):
+        a, b, c = _best_quintic(max(low, CUSHION * high), high)
+        p = lambda x: a * x + b * x**3 + c * x**5  # noqa: E731
+        if low < CUSHION * high:  # made for [CUSHION, high]: centred on 1 over [low, high] again
+            scale = 2 / (p(low) + p(high))
+            a, b, c = a * scale, b * scale, c * scale
+        if i < steps - 1:  # p(x / (1 + SAFETY)): room for rounding before the next polynomial
+            s = 1 + SAFETY
+            a, b, c = a / s, b / s**3, c / s**5
+        found.append((a, b, c))
+        low = a * low + b * low**3 + c * low**5
+        high = 2 - low
+    return tuple(found)
 
 
 def lr_at(it: int, cfg: TrainConfig) -> float:
-    """AdamW's rate: linear warm-up to `lr`, cosine decay to `min_lr` at `lr_decay_iters`, then
-    flat. Muon's is this times muon_lr / lr."""
+    """AdamW's rate: linear warm-up to `lr`, cosine or linear decay (`lr_decay`) to `min_lr` at
+    `lr_decay_iters`, then flat. Muon's is this times muon_lr / lr."""
     if it < cfg.warmup_iters:
         return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
     if it >= cfg.lr_decay_iters:
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    if cfg.lr_decay == "linear":
+        left = 1.0 - progress
+    else:
+        left = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + left * (cfg.lr - cfg.min_lr)
 
 
-def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
-    """Newton-Schulz on a stack of matrices (n, rows, cols), in bf16: each comes back with the
-    same singular vectors and singular values of about 1 (about 0.7 to 1.2 after 5 steps)."""
-    a, b, c = NS_COEFFICIENTS
+def orthogonalize(m: torch.Tensor, coefficients: Sequence[tuple[float, float, float]],
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A stack of matrices (n, rows, cols) with the same singular vectors and singular values
+    taken towards 1 by the odd quintics `coefficients`, one an iteration, computed in `dtype`."""
     tall = m.size(-2) > m.size(-1)
-    x = m.bfloat16()
+    x = m.to(dtype)
     if tall:
         x = x.mT  # (n, s, l) with s <= l, so that the Gram matrices are the small s x s ones
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(NS_EPS)  # every singular value <= 1
-    for _ in range(steps):
-        gram = x @ x.mT  # (n, s, s)
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2, (n, s, s)
-        x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b G + c G^2) X, (n, s, l)
+    norm = x.norm(dim=(-2, -1), keepdim=True) * (1 + SAFETY)
+    x = x / norm.clamp_min(NS_EPS)  # every singular value below 1 / (1 + SAFETY)
+    gram = (dtype != torch.bfloat16 and len(coefficients) > 1
+            and x.size(-1) > GRAM_ASPECT * x.size(-2))
+    x = (_gram_iterations if gram else _iterations)(x, coefficients)
     return x.mT if tall else x
+
+
+def _iterations(x: torch.Tensor, coefficients) -> torch.Tensor:
+    """X <- aX + (bG + cG^2)X with G = XX^T: 4 s^2 l + 2 s^3 FLOPs an iteration, x: (n, s, l)."""
+    for a, b, c in coefficients:
+        gram = x @ x.mT  # (n, s, s)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # bG + cG^2, (n, s, s)
+        x = torch.baddbmm(x, poly, x, beta=a)  # aX + (bG + cG^2)X, (n, s, l)
+    return x
+
+
+def _gram_iterations(x: torch.Tensor, coefficients) -> torch.Tensor:
+    """The same iterations on G = XX^T alone, x: (n, s, l). Each X_k is Q_k X_0 with Q_k a
+    polynomial in G_0; with P = aI + bG + cG^2, X <- PX becomes Q <- PQ and G <- PGP, all s x s.
+    Two s x l products in all, then 2 s^3 FLOPs a product: fewer for l > 1.5 s."""
+    gram = x @ x.mT  # (n, s, s)
+    q = None
+    for i, (a, b, c) in enumerate(coefficients):
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # bG + cG^2, (n, s, s)
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # P = aI + bG + cG^2
+        q = poly if q is None else poly @ q  # (n, s, s)
+        if i < len(coefficients) - 1:
+            gram = poly @ (gram @ poly)  # G <- PGP, symmetric as G is
+    return q @ x  # (n, s, l)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How Newton-Schulz runs on a device: its dtype, the CPU threads its products are kept to
+    (None: the run's), and why, for the start line."""
+
+    dtype: torch.dtype
+    threads: int | None
+    why: str
+
+    @property
+    def words(self) -> str:
+        name = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(self.dtype, str(self.dtype))
+        on = f" on {plural(self.threads)}" if self.threads else ""
+        return f"{name}{on}, {self.why}"
+
+
+def newton_schulz_precision(device: torch.device, environ=os.environ) -> Precision:
+    """bf16 where bf16 matrix units make it fast: CUDA from sm_80, a CPU with AMX or AVX-512
+    BF16 that oneDNN may use (ONEDNN_MAX_CPU_ISA can forbid them); fp32 elsewhere. On the CPU,
+    bf16 products go through oneDNN, whose results may change with the thread count (MKL's
+    reproducible mode covers fp32 only): they are kept to one thread, so that a run's results
+    never depend on how many it has."""
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            return Precision(torch.bfloat16, None, "bf16 tensor cores")
+        return Precision(torch.float32, None, "this GPU has no bf16 tensor cores")
+    if device.type == "cpu":
+        units, missing = cpu_bf16_units(environ)
+        if units is not None:
+            return Precision(torch.bfloat16, 1,
+                             f"{units}; one thread for the same results at any count")
+        return Precision(torch.float32, None, missing)
+    return Precision(torch.float32, None, f"bf16 is not known to be fast on {device.type}")
+
+
+def newton_schulz_flops(shapes: Sequence[torch.Size], steps: int, dtype: torch.dtype) -> int:
+    """FLOPs of orthogonalizing one matrix of each of `shapes` with `steps` iterations in
+    `dtype` (the form `orthogonalize` takes for it)."""
+    total = 0
+    for rows, cols in shapes:
+        s, l = sorted((rows, cols))
+        if dtype != torch.bfloat16 and steps > 1 and l > GRAM_ASPECT * s:
+            total += 4 * s * s * l + 2 * (4 * steps - 3) * s**3
+        else:
+            total += steps * (4 * s * s * l + 2 * s**3)
+    return total
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters: per parameter a momentum buffer m <- lerp(m, g, 1 - momentum);
-    the update g + momentum (m - g) (Nesterov) or m, orthogonalized; decoupled weight decay
-    p <- p (1 - lr wd); then p <- p - lr sqrt(max(1, rows / cols)) update, which gives every
-    shape the same update size per entry. torch.optim.Muon's settings and state layout, with
-    Keller Jordan's learning rate, 0.02, for default."""
+    the update g + momentum (m - g) (Nesterov) or m, orthogonalized (`orthogonalize` with
+    `coefficients`, in `precision`); decoupled weight decay p <- p (1 - lr wd); then
+    p <- p - lr sqrt(max(1, rows / cols)) update, which gives every shape the same update size
+    per entry. torch.optim.Muon's settings and state layout, with Keller Jordan's learning rate,
+    0.02, for default; Polar Express's five polynomials where torch's repeats Jordan's one."""
 
     def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.1,
-                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = NS_STEPS):
+                 momentum: float = 0.95, nesterov: bool = True,
+                 coefficients: Sequence[tuple[float, float, float]] | None = None,
+                 precision: Precision | None = None):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      nesterov=nesterov, ns_steps=ns_steps))
+                                      nesterov=nesterov))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
                     raise ValueError(f"Muon takes matrices only, got a {tuple(p.shape)} tensor")
+        self.coefficients = tuple(coefficients or polar_express(5))
+        self.precision = precision or Precision(torch.float32, None, "asked for")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -89,8 +229,12 @@ class Muon(torch.optim.Optimizer):
             for shape in dict.fromkeys(p.shape for p in params):  # one batched product a shape
                 same = [i for i, p in enumerate(params) if p.shape == shape]
                 stack = torch.stack([updates[i] for i in same])  # (n, rows, cols)
-                ortho = orthogonalize(stack, group["ns_steps"]).to(params[same[0]].dtype)
-                torch._foreach_add_([params[i] for i in same], list(ortho.unbind(0)),
+                with count_kept():
+                    if self.precision.threads is not None:
+                        torch.set_num_threads(self.precision.threads)
+                    ortho = orthogonalize(stack, self.coefficients, self.precision.dtype)
+                torch._foreach_add_([params[i] for i in same],
+                                    list(ortho.to(params[same[0]].dtype).unbind(0)),
                                     alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
         return loss
 
@@ -164,7 +308,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
                                         fused=fused, foreach=None if fused else True)}
     scales = {"adamw": 1.0}
     if muon:
-        parts["muon"] = Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+        parts["muon"] = Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                             coefficients=polar_express(cfg.muon_ns_steps),
+                             precision=newton_schulz_precision(device))
         scales["muon"] = cfg.muon_lr / cfg.lr
     return Optimizers(parts, scales, cfg)
 
@@ -176,6 +322,23 @@ def expected_state(part: str, param: torch.Tensor) -> dict[str, tuple[torch.Size
         return {"momentum_buffer": (param.shape, True)}
     return {"step": (torch.Size([]), False), "exp_avg": (param.shape, True),
             "exp_avg_sq": (param.shape, False)}
+
+
+def describe(optimizers: Optimizers, model: torch.nn.Module, tokens: int) -> str:
+    """The run's optimizers and peak rates, for the start line; for Muon, how its Newton-Schulz
+    runs here and its FLOPs beside the forward and backward pass of `model` over `tokens`."""
+    cfg = optimizers.cfg
+    adamw = f"adamw lr {cfg.lr:g}"
+    muon = optimizers.parts.get("muon")
+    if muon is None:
+        return adamw
+    shapes = [p.shape for group in muon.param_groups for p in group["params"]]
+    steps = len(muon.coefficients)
+    share = (newton_schulz_flops(shapes, steps, muon.precision.dtype)
+             / (tokens * model.flops_per_token()))
+    costly = "; fewer with --muon-ns-steps, or --optimizer adamw" if share >= 1 else ""
+    return (f"muon lr {cfg.muon_lr:g} (Newton-Schulz: {steps} iteration{'s' * (steps > 1)} in "
+            f"{muon.precision.words}; {share:.2f}x the model's FLOPs a step{costly}) + {adamw}")
 
 
 def lower_rates(cfg: TrainConfig) -> str:

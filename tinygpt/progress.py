@@ -9,8 +9,11 @@ import signal
 import sys
 import time
 
-from .config import TrainConfig, params_words
+from .config import params_words
 from .launch import Context
+from .model import LanguageModel
+from .optim import Optimizers
+from .optim import describe as describe_optimizers
 from .start import Start
 from .threads import ThreadTuner, describe
 
@@ -104,30 +107,26 @@ class Progress:
                f"continue with --resume" if stopped_by else ""))
 
 
-def start_line(start: Start, ctx: Context, device, params: int, amp_words: str,
-               threads: ThreadTuner | None, backend: str, why: str) -> str:
+def start_line(start: Start, ctx: Context, device, model: LanguageModel, optimizers: Optimizers,
+               amp_words: str, threads: ThreadTuner | None, backend: str, why: str) -> str:
     """A run's first line: what it trains on what, where (with `threads` on the CPU), on which
-    backend, and for how long."""
+    backend, with which optimizers, and for how long."""
     cfg, model_cfg = start.cfg, start.model_cfg
+    tokens = cfg.batch_size * cfg.grad_accum // ctx.world_size * model_cfg.block_size  # a rank's
     if device.type == "cpu":
         amp_words += ", " + describe(threads)
     per_rank = cfg.grad_accum // ctx.world_size
     return (
         "tinygpt: " + (f"preset {start.preset}" if start.ckpt is None else
                        f"resuming {start.ckpt_path} at iteration {start.ckpt['iteration']}")
-        + f" | {model_cfg.model} {params_words(params)} | data {start.data['path']} "
+        + f" | {model_cfg.model} {params_words(model.num_params())} | data {start.data['path']} "
         f"({len(start.text):,} chars, vocab {start.tokenizer.vocab_size}) | device {device} "
         f"({amp_words}) | backend {backend}{' + compile' if cfg.compile else ''}"
         + (f" ({why})" if why else "")
         + (f" | {ctx.world_size} processes x {per_rank} micro-batch"
            f"{'es' if per_rank > 1 else ''} of {cfg.batch_size} (global batch "
            f"{cfg.batch_size * cfg.grad_accum})" if ctx.enabled else "")
-        + f" | {cfg.max_iters} steps, {_rates(cfg)} (warm-up {cfg.warmup_iters}, cosine to "
-        f"{cfg.min_lr / cfg.lr:.3g}x at step {cfg.lr_decay_iters})")
+        + f" | {cfg.max_iters} steps, {describe_optimizers(optimizers, model, tokens)} "
+        f"(warm-up {cfg.warmup_iters}, {cfg.lr_decay} to {cfg.min_lr / cfg.lr:.3g}x at step "
+        f"{cfg.lr_decay_iters})")
 
-
-def _rates(cfg: TrainConfig) -> str:
-    """The peak learning rates."""
-    if cfg.optimizer == "muon":
-        return f"muon lr {cfg.muon_lr:g} + adamw lr {cfg.lr:g}"
-    return f"adamw lr {cfg.lr:g}"

@@ -114,7 +114,7 @@ class _Run:
         tune = tune_threads and device.type == "cpu" and not cfg.compile
         self.step_threads, self.eval_threads = (threads.tuners(self.progress.message) if tune
                                                 else (None, None))
-        self.progress.message(start_line(start, ctx, device, self.model.num_params(), amp_words,
+        self.progress.message(start_line(start, ctx, device, self.model, self.optimizer, amp_words,
                                          self.step_threads, self.backend, why))
         with self.oom("trying a training step"):
             memory.try_step(self.eval_model, self.optimizer, cfg.batch_size,

@@ -2,6 +2,7 @@
 their reason, compiled competitors compiled once per shape, tuning that rejects wrong settings,
 and `tinygpt bench` gathering one report. Speed itself is never asserted here."""
 
+import argparse
 import importlib
 import json
 import os
@@ -398,15 +399,35 @@ def test_the_sweep_refuses_results_that_do_not_hold_together():
             bench_quality.check_sweep(results, [1, 2], 4)
 
 
+def test_a_sweep_crosses_rates_iterations_and_varied_fields():
+    """Each Muon rate with each iteration count, every config at every combination of the
+    --vary values; configs that differ only in what a step computes share a step timing."""
+    args = argparse.Namespace(adamw=[1e-3], muon=[0.02], ns_steps=[5, 3], lr=3e-3,
+                              vary=[["batch_size", "12", "24"], ["warmup_iters", "100", "25"]])
+    configs = bench_quality.sweep_configs(args)
+    assert len(configs) == 4 + 2 * 4
+    muon = next(c for c in configs if c.optimizer == "muon" and c.ns_steps == 3
+                and dict(c.varied) == {"batch_size": 24, "warmup_iters": 25})
+    assert muon.label == ("muon 0.02, 3 iterations (+ adamw 0.003), batch_size 24, "
+                          "warmup_iters 25")
+    assert muon.overrides() == {"optimizer": "muon", "lr": 3e-3, "muon_lr": 0.02,
+                                "muon_ns_steps": 3, "batch_size": 24, "warmup_iters": 25}
+    assert len({c.step_label for c in configs}) == 2 + 2 * 2  # warm-up costs no time
+    assert muon.step_label == "muon, 3 iterations, batch_size 24"
+
+
 def test_the_sweep_table_counts_steps_to_the_target_per_seed():
     results = {"fast": [_run(1, [4.0, 1.8, 1.7]), _run(2, [4.0, 2.2, 1.9])],
                "slow": [_run(1, [4.0, 2.5, 2.1]), _run(2, [4.0, 2.5, 1.95])]}
-    headers, rows = bench_quality.sweep_table(results, 2.0, {"fast": 20.0, "slow": 10.0}, [2, 4])
+    ms = {"": {"fast": 20.0, "slow": 10.0}, "AVX2 only": {"fast": 40.0, "slow": 12.5}}
+    headers, rows = bench_quality.sweep_table(results, 2.0, ms, [2, 4])
     assert headers[2:] == ["val @ 2", "val @ 4", "steps to 2.0000 (each seed)", "ms/step",
-                           "tok/s", "s to target"]
+                           "tok/s", "s to target", "ms/step (AVX2 only)", "tok/s (AVX2 only)",
+                           "s to target (AVX2 only)"]
     assert rows[0] == ["fast", "2", "2.0000 ± 0.2828", "1.8000 ± 0.1414", "3 (2, 4)", "20.00",
-                       "50,000", "0.1"]
-    assert rows[1][4:] == ["not all reached (-, 4)", "10.00", "100,000", "-"]
+                       "50,000", "0.1", "40.00", "25,000", "0.1"]
+    assert rows[1][4:] == ["not all reached (-, 4)", "10.00", "100,000", "-", "12.50", "80,000",
+                           "-"]
 
 
 def test_a_sweep_writes_its_table_and_curves(tmp_path, small_text_file, run_command):
@@ -431,18 +452,46 @@ def test_a_sweep_writes_its_table_and_curves(tmp_path, small_text_file, run_comm
 
 
 def test_the_optimizer_rows_step_with_the_optimizers_they_name(monkeypatch):
-    """bench_train --optimizers: AdamW, tinygpt's Muon and torch.optim.Muon in its place, each
-    timed, with the optimizer's share inside the step's."""
+    """bench_train --optimizers: AdamW, tinygpt's Muon in the precision this machine picks and
+    in the other, and torch.optim.Muon in its place, each timed, with the optimizer's share
+    inside the step's."""
     stepped = []
     for cls in (optim.Muon, torch.optim.Muon, torch.optim.AdamW):
         monkeypatch.setattr(cls, "step", lambda self, *a, f=cls.step, **k: stepped.append(
-            type(self)) or f(self, *a, **k))
+            getattr(self, "precision", type(self))) or f(self, *a, **k))
     tiny = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2)
+    cpu = torch.device("cpu")
     rows = {label: ({**tiny, **overrides}, swap)
-            for label, (overrides, swap) in bench_train.OPTIMIZER_ROWS.items()}
-    times = bench_train.optimizer_steps("cpu-baby", rows, rounds=1, steps=1,
-                                        device=torch.device("cpu"))
-    assert list(times) == ["adamw", "muon", "torch.optim.Muon"]
+            for label, (overrides, swap) in bench_train.optimizer_rows(cpu).items()}
+    times = bench_train.optimizer_steps("cpu-baby", rows, rounds=1, steps=1, device=cpu)
+    chosen = optim.newton_schulz_precision(cpu)
+    other = "fp32" if chosen.dtype == torch.bfloat16 else "bf16"
+    assert list(times) == ["adamw", "muon", f"muon, Newton-Schulz in {other}",
+                           "torch.optim.Muon"]
     assert all(0 < opt[0] < step[0] for step, opt in times.values())
     assert stepped.count(torch.optim.Muon) == 2  # the warm-up round and the timed one
-    assert stepped.count(optim.Muon) == 2 and stepped.count(torch.optim.AdamW) == 6
+    assert stepped.count(torch.optim.AdamW) == 8
+    forced = {"bf16": torch.bfloat16, "fp32": torch.float32}[other]
+    assert [p for p in stepped if isinstance(p, optim.Precision)] == [  # round by round
+        chosen, optim.Precision(forced, None, "asked for")] * 2
+
+
+def test_rows_time_as_another_cpu_in_a_child_process(tmp_path, monkeypatch):
+    """optimizer_steps_as times the rows in a fresh process whose environment has the limits
+    (so that oneDNN and MKL read them when they start), at this process's thread count."""
+    tiny = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2)
+    rows = {"adamw": ({**tiny, "optimizer": "adamw"}, None),
+            "muon": ({**tiny, "optimizer": "muon"}, None)}
+    seen = {}
+    real = subprocess.run
+
+    def run(command, env, check):
+        seen.update(env=env, command=command)
+        return real(command, env=env, check=check)
+
+    monkeypatch.setattr(bench_train.subprocess, "run", run)
+    times = bench_train.optimizer_steps_as({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cpu-baby", rows,
+                                           rounds=2, steps=1)
+    assert list(times) == ["adamw", "muon"] and all(len(t[0]) == 2 for t in times.values())
+    assert seen["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert seen["command"][1:4] == ["-m", "benchmarks.bench_train", "--time-rows"]

@@ -101,7 +101,17 @@ BAD_ARGUMENTS = {
     "muon lr with a preset's adamw": (["train", "--preset", "bigram", "--muon-lr", "0.01"],
                                       "--muon-lr applies to --optimizer muon only"),
     "unknown optimizer": (["train", "--optimizer", "sgd"], "argument --optimizer: invalid choice"),
+    "unknown decay": (["train", "--lr-decay", "step"], "argument --lr-decay: invalid choice"),
     "muon lr negative": (["train", "--muon-lr", "-0.02"], "muon_lr must be positive, got -0.02"),
+    "no newton-schulz iterations": (["train", "--muon-ns-steps", "0"],
+                                    "muon_ns_steps must be in [1, 10], got 0"),
+    "newton-schulz iterations past 10": (["train", "--muon-ns-steps", "11"],
+                                         "muon_ns_steps must be in [1, 10], got 11"),
+    "newton-schulz iterations not whole": (["train", "--muon-ns-steps", "2.5"],
+                                           "argument --muon-ns-steps: invalid int value: '2.5'"),
+    "newton-schulz iterations with adamw": (["train", "--optimizer", "adamw", "--muon-ns-steps",
+                                             "3"], "--muon-ns-steps applies to --optimizer muon "
+                                                   "only, and this run's optimizer is adamw"),
     "weight decay past 1/muon lr": (["train", "--preset", "cpu-baby", "--optimizer", "muon",
                                      "--muon-lr", "0.5", "--weight-decay", "2"],
                                     "weight_decay (2) times muon_lr (0.5) must be below 1"),
@@ -176,6 +186,8 @@ def test_help_shows_every_default(answers):
     assert "transformer blocks (default: shakespeare-char: 6, cpu-baby: 4, bigram: not used)" in (
         pages["train help"])
     assert "AdamW beta1 (default: 0.9)" in pages["train help"]
+    assert "for each (default: shakespeare-char: 5, cpu-baby: 3, bigram: not used)" in (
+        pages["train help"])
     assert "transformer blocks (default: 4)" in pages["cpu-baby help"]
     assert "(defaults: preset cpu-baby's)" in pages["cpu-baby help"]
     options = answers[0]["results"]["sample help"][2].split("options:", 1)[1]
@@ -276,6 +288,9 @@ HOSTILE_CHECKPOINTS = {
                "invalid train_config: lr must be a finite number"),
     "unknown optimizer": (dict(train_config={"optimizer": "sgd"}),
                           "invalid train_config: optimizer must be one of adamw, muon; got 'sgd'"),
+    "no newton-schulz iterations": (dict(train_config={"optimizer": "muon", "muon_ns_steps": 0}),
+                                    "invalid train_config: muon_ns_steps must be in [1, 10], "
+                                    "got 0"),
     "muon for a bigram": (dict(model_config={"model": "bigram"},
                                train_config={"optimizer": "muon"}),
                           "invalid train_config: --optimizer muon trains the weight matrices "

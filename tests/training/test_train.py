@@ -6,6 +6,7 @@ import collections
 import hashlib
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,30 @@ def test_the_start_line_says_how_threads_are_chosen(tmp_path, capsys, corpus_pat
         torch.set_num_threads(threads)
     assert rc == 0, err
     assert words in err
+
+
+@pytest.mark.parametrize("machine, how, words", [
+    ("no bf16", [], r"muon lr 0\.02 \(Newton-Schulz: 5 iterations in fp32, this CPU has no bf16 "
+                    r"units \(AMX, AVX-512 BF16\); 0\.\d\dx the model's FLOPs a step\) \+ "
+                    r"adamw lr 0\.003"),
+    ("amx", ["--muon-ns-steps", "3"], r"\(Newton-Schulz: 3 iterations in bf16 on 1 thread, AMX; "
+                                      r"one thread for the same results at any count; 0\.\d\dx"),
+    ("no bf16", ["--n-embd", "512", "--n-head", "4", "--batch-size", "1"],
+     r"in fp32, .*; \d+\.\d\dx the model's FLOPs a step; fewer with --muon-ns-steps, or "
+     r"--optimizer adamw\)"),
+])
+def test_the_start_line_says_how_muon_runs_and_its_cost(tmp_path, capsys, corpus_path,
+                                                        monkeypatch, machine, how, words):
+    """Newton-Schulz's iterations, precision and why, and its FLOPs beside the model's, with a
+    way out where they outnumber them (a wide model on short batches)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: machine == "amx")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", *how, "--data",
+                         str(corpus_path), "--device", "cpu", "--max-iters", "1", "--n-layer", "1",
+                         "--eval-iters", "1", "--threads", "1", "--out-dir", str(tmp_path / "out"))
+    assert rc == 0, err
+    assert re.search(words, err.splitlines()[0]), err
 
 
 def test_nan_loss_stops_cleanly(tmp_path, corpus_path, capsys):

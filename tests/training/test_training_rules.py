@@ -38,6 +38,17 @@ def test_learning_rate_schedule(it, expected):
     assert lr_at(it, cfg) == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("it,expected", [
+    (9, 1e-3 * 10 / 11), (10, 1e-3),  # the same warm-up and peak
+    (35, 1e-4 + 0.9e-3 * 3 / 4), (60, (1e-3 + 1e-4) / 2), (85, 1e-4 + 0.9e-3 / 4),  # a line
+    (110, 1e-4), (10_000, 1e-4),
+])
+def test_linear_decay(it, expected):
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110,
+                      lr_decay="linear")
+    assert lr_at(it, cfg) == pytest.approx(expected, rel=1e-12)
+
+
 def _record_steps(monkeypatch):
     """Each step's learning rates (optimizer -> rate) and the global norm of the gradients the
     optimizers apply, over all of them."""
