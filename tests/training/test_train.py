@@ -169,7 +169,7 @@ def test_the_start_line_says_how_threads_are_chosen(tmp_path, capsys, corpus_pat
 
 
 @pytest.mark.parametrize("machine, how, words", [
-    ("no bf16", [], r"muon lr 0\.02 \(Newton-Schulz: 5 iterations in fp32, this CPU has no bf16 "
+    ("no bf16", [], r"muon lr 0\.02 \(Newton-Schulz: 3 iterations in fp32, this CPU has no bf16 "
                     r"units \(AMX, AVX-512 BF16\); 0\.\d\dx the model's FLOPs a step\) \+ "
                     r"adamw lr 0\.003"),
     ("amx", ["--muon-ns-steps", "3"], r"\(Newton-Schulz: 3 iterations in bf16 on 1 thread, AMX; "
