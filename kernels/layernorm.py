@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .gpu import interpreted, traceable
+from .gpu import interpreted, on_device, traceable
 
 ROW_IN_REGISTERS = 4096  # widest row kept whole in registers (8192 spills on sm_86, 89, 120)
 TILE_N = 4096  # column tile of wider rows
@@ -290,13 +290,14 @@ def _launch_forward(x, residual, weight, bias, eps, out_dtype):
     mean = _new_output((M,), torch.float32, x.device)
     rstd = _new_output((M,), torch.float32, x.device)
     block_m, block_n, num_warps = _launch_config(N)
-    traceable(_fwd_kernel)[(triton.cdiv(M, block_m),)](
-        x2, r2, h, y, weight, bias, mean, rstd,
-        x2.stride(0), 0 if r2 is None else r2.stride(0), 0 if h is None else h.stride(0),
-        y.stride(0), M, N, eps,
-        HAS_R=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        TILED=block_n < N, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    with on_device(x):
+        traceable(_fwd_kernel)[(triton.cdiv(M, block_m),)](
+            x2, r2, h, y, weight, bias, mean, rstd,
+            x2.stride(0), 0 if r2 is None else r2.stride(0), 0 if h is None else h.stride(0),
+            y.stride(0), M, N, eps,
+            HAS_R=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+            TILED=block_n < N, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )
     return y.view(x.shape), None if h is None else h.view(x.shape), mean, rstd
 
 
@@ -340,29 +341,30 @@ def _layer_norm_bwd(
     tiles = triton.cdiv(N, block_n)
     groups = _row_groups(M, block_m, tiles, h.device)
     row_sums = None
-    if tiles > 1:
-        row_sums = _new_output((2, M), torch.float32, h.device)
-        traceable(_bwd_row_sums_kernel)[(triton.cdiv(M, block_m),)](
-            dy2, h2, weight, mean, rstd, row_sums, dy2.stride(0), h2.stride(0), M, N,
-            HAS_W=weight is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
     dw_part = None if dw is None else _new_output((groups, N), torch.float32, h.device)
     db_part = None if db is None else _new_output((groups, N), torch.float32, h.device)
-    traceable(_bwd_kernel)[(groups, tiles)](
-        dy2, h2, dh2, weight, mean, rstd, row_sums, dx2, dr2, dw_part, db_part,
-        dy2.stride(0), h2.stride(0), 0 if dh2 is None else dh2.stride(0), dx2.stride(0),
-        0 if dr2 is None else dr2.stride(0), M, N,
-        HAS_DH=dh is not None, HAS_W=weight is not None, HAS_B=db is not None,
-        STORE_DR=dr is not None, TILED=tiles > 1, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps,
-    )
-    if dw is not None or db is not None:
-        block_g, block_cols = SUM_BLOCK
-        traceable(_sum_partials_kernel)[(triton.cdiv(N, block_cols),)](
-            dw_part, db_part, dw, db, groups, N,
-            HAS_W=dw is not None, HAS_B=db is not None, BLOCK_G=block_g, BLOCK_N=block_cols,
-            num_warps=4,
+    with on_device(h):
+        if tiles > 1:
+            row_sums = _new_output((2, M), torch.float32, h.device)
+            traceable(_bwd_row_sums_kernel)[(triton.cdiv(M, block_m),)](
+                dy2, h2, weight, mean, rstd, row_sums, dy2.stride(0), h2.stride(0), M, N,
+                HAS_W=weight is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            )
+        traceable(_bwd_kernel)[(groups, tiles)](
+            dy2, h2, dh2, weight, mean, rstd, row_sums, dx2, dr2, dw_part, db_part,
+            dy2.stride(0), h2.stride(0), 0 if dh2 is None else dh2.stride(0), dx2.stride(0),
+            0 if dr2 is None else dr2.stride(0), M, N,
+            HAS_DH=dh is not None, HAS_W=weight is not None, HAS_B=db is not None,
+            STORE_DR=dr is not None, TILED=tiles > 1, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=num_warps,
         )
+        if dw is not None or db is not None:
+            block_g, block_cols = SUM_BLOCK
+            traceable(_sum_partials_kernel)[(triton.cdiv(N, block_cols),)](
+                dw_part, db_part, dw, db, groups, N,
+                HAS_W=dw is not None, HAS_B=db is not None, BLOCK_G=block_g,
+                BLOCK_N=block_cols, num_warps=4,
+            )
 
 
 # Shapes only, for FakeTensor tracing. triton_op derives these by running the launchers on fake

@@ -24,11 +24,16 @@ from pathlib import Path
 
 import pytest
 
-from tinygpt.threads import reproducible_blas
+from tinygpt.threads import reproducible_blas, usable_cores
 
 reproducible_blas()  # as the command line does, before torch first multiplies matrices
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
+if (workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT")) is not None:
+    # pytest-xdist's workers share the cores: torch's threads in each, one worker's share, so
+    # that none waits on threads the others keep busy. Results do not depend on the count.
+    torch.set_num_threads(max(1, usable_cores() // int(workers)))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -67,8 +72,30 @@ def _tensor_core_dots() -> None:
     interpreter.InterpreterBuilder.create_dot = create_dot
 
 
+def _device_calls_patch_once() -> None:
+    """Triton's interpreter patches triton.language for itself when a kernel launches, and again
+    (never undone) at every call of a @triton.jit helper inside it: a fifth of an attention
+    test's time. Here a helper's call patches only what is not patched already."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patch_lang = getattr(interpreter, "_patch_lang", None)
+    no_patches = getattr(interpreter, "_LangPatchScope", None)
+    if patch_lang is None or no_patches is None:  # another Triton's interpreter: left as it is
+        return
+
+    def patch_unless_patched(fn):
+        langs = [v for v in fn.__globals__.values() if v is tl or v is tl.core]
+        if langs and not any(tl.core.is_builtin(lang.arange) for lang in langs):
+            return no_patches()  # every language it sees is patched already
+        return patch_lang(fn)
+
+    interpreter._patch_lang = patch_unless_patched
+
+
 if interpreted():
     _tensor_core_dots()
+    _device_calls_patch_once()
 # Every Python process the tests start prints each thread's stack when it is sent SIGABRT.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
@@ -93,6 +120,12 @@ def generated_text(n_chars: int = 200_000, seed: int = 0) -> str:
         out.append(line)
         size += len(line)
     return "".join(out)[:n_chars]
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core this process may run on (pytest-xdist counts the machine's,
+    which a container or `taskset` may not give)."""
+    return usable_cores()
 
 
 def pytest_addoption(parser):
@@ -120,6 +153,9 @@ def pytest_collection_modifyitems(config, items):
     seed = config.getoption("--shuffle")
     if seed is not None:
         random.Random(seed).shuffle(items)
+    # The longest first, so that pytest-xdist's workers end together, not one of them on a
+    # minute-long test while the other waits (a stable sort: the order within each part stays).
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

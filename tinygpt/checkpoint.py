@@ -265,14 +265,22 @@ def _check_part(name: str, saved, optimizer: torch.optim.Optimizer, bad) -> None
 
 
 def _check_rng(rng, device: torch.device, bad) -> None:
-    """Every random-number state is one its generator accepts: tried on throwaway generators."""
+    """Every random-number state is one its generator accepts, tried on throwaway generators
+    (CUDA's on CUDA only), and a CUDA job's holds a CUDA stream for each process."""
     if not (isinstance(rng, dict) and isinstance(rng.get("torch"), list) and rng["torch"]
-            and isinstance(rng.get("batches"), dict)
-            and (rng.get("cuda") is None or isinstance(rng["cuda"], list))):
+            and isinstance(rng.get("batches"), dict) and "cuda" in rng
+            and (rng["cuda"] is None or isinstance(rng["cuda"], list))):
         raise bad("random-number state (not the torch, cuda and batches streams)")
     states = [("torch", "cpu", s) for s in rng["torch"]]
-    if device.type == "cuda" and rng["cuda"] is not None:  # only used on CUDA
-        states += [("cuda", device, s) for s in rng["cuda"]]
+    if rng["cuda"] is not None:  # a CUDA job's: a stream per process, put back on CUDA only
+        cuda, processes = len(rng["cuda"]), len(rng["torch"])
+        if cuda != processes:
+            raise bad(f"random-number state ({cuda} CUDA stream{'s' * (cuda != 1)} beside "
+                      f"{processes} torch stream{'s' * (processes != 1)})")
+        if not all(torch.is_tensor(s) and s.dtype == torch.uint8 for s in rng["cuda"]):
+            raise bad("random-number state (cuda: not a generator's state)")
+        if device.type == "cuda":
+            states += [("cuda", device, s) for s in rng["cuda"]]
     for stream, state in rng["batches"].items():
         if not isinstance(stream, int):
             raise bad(f"random-number state (batch stream {stream!r:.20})")

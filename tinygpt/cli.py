@@ -33,6 +33,7 @@ from .threads import (
     fixed_by,
     plural,
     reproducible_blas,
+    usable_cores,
 )
 
 RANK_GRACE_S = 5.0  # how long a torchrun rank other than 0 waits before reporting its error
@@ -125,11 +126,11 @@ def _threads(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of threads (1 or more), "
                                          f"got {value!r}")
-    cpus = os.cpu_count() or 1
-    if int(value) > cpus:
+    cores = usable_cores()
+    if int(value) > cores:
         shown = value if len(value) < 10 else f"{int(value):.3g}"
-        raise argparse.ArgumentTypeError(f"must be at most {cpus} (this machine's logical "
-                                         f"CPUs), got {shown}")
+        raise argparse.ArgumentTypeError(f"must be at most {cores} (the logical CPUs this "
+                                         f"process may run on), got {shown}")
     return int(value)
 
 
@@ -278,7 +279,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                         "checks them in Triton's interpreter")
     preset = args.preset or ("shakespeare-char" if device.type == "cuda" else "cpu-baby")
     model_cfg, cfg = from_preset(preset, **overrides)
-    return run_doctor(device, model_cfg, cfg.batch_size, args.compile,
+    return run_doctor(device, model_cfg, cfg, args.compile,
                       device.type == "cpu" and interpreter_on(), args.json)
 
 
@@ -323,10 +324,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 128 + signum if signum else 0
 
 
+def _torchrun_parser():
+    """torchrun's own parser, answering in one line like every other mistake."""
+    import torch.distributed.run as torchrun
+
+    parser = torchrun.get_args_parser()
+    parser.prog = "tinygpt torchrun"
+    parser.error = _Parser.error.__get__(parser)
+    return parser
+
+
+def _job_start(rest: list[str]) -> int:
+    """Where `train` begins in `tinygpt torchrun`'s arguments (len(rest) where it is absent): the
+    first `train` that is not an option's value. Only an option right before it, its value not
+    joined by "=", leaves that in doubt (`--log-dir train`, or a flag): torchrun's own parser
+    then decides, which costs importing torch."""
+    for i, word in enumerate(rest):
+        if word == "train":
+            before = rest[i - 1] if i else ""
+            if not (before.startswith("-") and "=" not in before):
+                return i
+            options = _torchrun_parser().parse_args(rest)
+            if options.training_script != "train":
+                break
+            return len(rest) - len(options.training_script_args) - 1
+    return len(rest)
+
+
 def cmd_torchrun(args: argparse.Namespace) -> int:
     """torchrun with `train` as its program: the training options are checked once, before any
     process starts, and a failed job ends in one line instead of torchrun's traceback."""
-    split = args.rest.index("train") if "train" in args.rest else len(args.rest)
+    split = _job_start(args.rest)
     launcher, job = args.rest[:split], args.rest[split:]
     if job:
         _train_options(build_parser(_preset_in(job)).parse_args(job))
@@ -340,13 +368,14 @@ def cmd_torchrun(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    parser = torchrun.get_args_parser()
-    parser.prog = "tinygpt torchrun"
-    parser.error = _Parser.error.__get__(parser)  # one line, like every other mistake
+    parser = _torchrun_parser()
     if not job:  # torchrun's options: --help
         parser.print_help()
         return 0
     options = parser.parse_args([*launcher, "-m", "tinygpt", *job])
+    if options.training_script != "tinygpt":  # a program named among torchrun's options
+        raise UserError(f"tinygpt torchrun runs `train`, not {options.training_script!r:.60}: "
+                        "tinygpt torchrun [TORCHRUN OPTIONS] train [TRAIN OPTIONS]")
     # torchrun's banner about OMP_NUM_THREADS, and its log line per failed process: the line
     # below says what failed
     logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)
@@ -392,7 +421,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model_cfg = ModelConfig(**ckpt["model_config"])
     prompt = tokenizer.encode(args.prompt)
     resolved = ops.resolve_backend(args.backend, device, attention_shape(model_cfg, 1))
-    choice = trust.settle(resolved, device, model_cfg, 1, ops.precision(device)[0], False,
+    choice = trust.settle(resolved, device, model_cfg, TrainConfig(batch_size=1),
+                          ops.precision(device)[0],
                           explicit=ops.requested_backend(args.backend)[0] == "triton",
                           by_speed=False, say=_note)
     # Each token is a unit of work for the thread count: the tuner times the gaps between them.

@@ -7,8 +7,9 @@ Three parts, printed as they finish (`--json FILE` writes them too):
   correctness  `verify.check_kernels` at the model's training shape and dtype and at two odd
                shapes (T and the LayerNorm width no multiple of any block, padded head dims):
                one line per op, pass or FAIL with its error as a multiple of PyTorch's own;
-  speed        the model's training step on the torch and triton backends (and compiled, with
-               --compile), interleaved after a warm-up: median ms, tokens/s and the ratio.
+  speed        the model's training step, with the preset's optimizers, on the torch and triton
+               backends (and compiled, with --compile), interleaved after a warm-up: median ms,
+               tokens/s and the ratio (one step each in the interpreter).
 Off CUDA the kernels run in Triton's CPU interpreter at small shapes: a smoke test of every path,
 not a speed. The exit status is 1 when any op fails its check.
 """
@@ -30,7 +31,7 @@ from tinygpt import __version__, kernels
 from tinygpt.kernels.gpu import unsupported_reason
 
 from . import ops, verify
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 from .errors import UserError, os_reason
 from .memory import GIB, is_out_of_memory
 from .model import attention_shape
@@ -40,8 +41,9 @@ from .trust import device_words
 # (H x D) below their power-of-two block. Smaller in the interpreter, where each program is slow.
 ODD_SHAPES = {"cuda": [(2, 97, 3, 24), (1, 203, 2, 80)], "cpu": [(1, 37, 2, 24), (1, 23, 3, 40)]}
 INTERPRETER_BATCH, INTERPRETER_BLOCK = 2, 64  # the training shape, cut for the interpreter
-# (rounds, warm-up steps) of the speed part: each round times one step per backend.
-SPEED_STEPS = {"cuda": (10, 3), "cpu": (3, 1)}
+# (rounds, warm-up steps) of the speed part: each round times one step per backend. In the
+# interpreter one step shows that the step runs, and more would not make it a speed.
+SPEED_STEPS = {"cuda": (10, 3), "cpu": (1, 0)}
 
 
 def _driver() -> str:
@@ -115,16 +117,17 @@ def auto_words(device: torch.device, unusable: str | None) -> str:
 class Doctor:
     """One `tinygpt doctor` run; `run()` returns its exit status."""
 
-    def __init__(self, device: torch.device, model_cfg: ModelConfig, batch_size: int,
+    def __init__(self, device: torch.device, model_cfg: ModelConfig, cfg: TrainConfig,
                  compile: bool, interpreted: bool, write: Callable[[str], None]):
-        self.device, self.model_cfg, self.batch_size = device, model_cfg, batch_size
+        self.device, self.model_cfg, self.cfg = device, model_cfg, cfg
         self.compile, self.interpreted, self.write = compile, interpreted, write
         self.kind = "cuda" if device.type == "cuda" else "cpu"
         self.amp_dtype = ops.precision(device)[0]
         self.report: dict = {}
 
     def run(self) -> int:
-        unusable = kernels_unusable(self.device, self.model_cfg, self.batch_size, self.interpreted)
+        unusable = kernels_unusable(self.device, self.model_cfg, self.cfg.batch_size,
+                                    self.interpreted)
         self.section("environment")
         env = environment(self.device, self.interpreted)
         env["auto"] = auto_words(self.device, unusable)
@@ -147,8 +150,7 @@ class Doctor:
         elif unusable is None:
             self.write("  every fused op passed its check")
         if passed and unusable is None and self.device.type == "cuda":
-            self.write(f"  `--backend auto` at this shape: "
-                       f"{'triton' if speedup >= 1 else 'torch'} (triton {speedup:.2f}x torch)")
+            self.write(f"  `--backend auto` at this shape: {auto_verdict(speedup)}")
         return 0 if passed else 1
 
     def section(self, title: str) -> None:
@@ -157,10 +159,10 @@ class Doctor:
     def training_shape(self) -> tuple[ModelConfig, int]:
         """The model and batch checked and timed: the run's, cut in the interpreter."""
         if not self.interpreted:
-            return self.model_cfg, self.batch_size
+            return self.model_cfg, self.cfg.batch_size
         block = min(self.model_cfg.block_size, INTERPRETER_BLOCK)
         return (dataclasses.replace(self.model_cfg, block_size=block),
-                min(self.batch_size, INTERPRETER_BATCH))
+                min(self.cfg.batch_size, INTERPRETER_BATCH))
 
     def correctness(self) -> bool:
         model_cfg, batch = self.training_shape()
@@ -189,18 +191,21 @@ class Doctor:
         self.report["correctness"] = results
         return passed
 
-    def speed(self, unusable: str | None) -> float:
-        """Times the steps and reports them; returns triton's eager speed-up over torch (0 when
-        triton was not timed)."""
+    def speed(self, unusable: str | None) -> float | None:
+        """Times the steps and reports them; returns triton's eager speed-up over torch (None
+        when triton was not timed)."""
         model_cfg, batch = self.training_shape()
+        step_cfg = dataclasses.replace(self.cfg, batch_size=batch)
         rounds, warmup = SPEED_STEPS[self.kind]
         backends = ("torch",) if unusable else ("torch", "triton")
         tokens = batch * model_cfg.block_size
         autocast = (f", under {str(self.amp_dtype).removeprefix('torch.')} autocast"
                     if self.amp_dtype else "")
-        self.section(f"speed (a training step: forward, backward, clipping, AdamW{autocast}, at "
-                     f"batch {batch} x {model_cfg.block_size}; median of {rounds} interleaved "
-                     f"steps after {warmup} of warm-up)")
+        optimizers = "Muon and AdamW" if self.cfg.optimizer == "muon" else "AdamW"
+        steps = (f"median of {rounds} interleaved steps after {warmup} of warm-up" if rounds > 1
+                 else "one step each")
+        self.section(f"speed (a training step: forward, backward, clipping, {optimizers}"
+                     f"{autocast}, at batch {batch} x {model_cfg.block_size}; {steps})")
         if self.interpreted:
             self.write("  triton runs in Triton's interpreter here: these times check that the "
                        "steps run, they are not a speed")
@@ -210,8 +215,8 @@ class Doctor:
                 self.write("  + compile: not timed (torch.compile cannot trace the interpreter)")
                 continue
             try:
-                times = verify.time_steps(model_cfg, batch, self.device, self.amp_dtype, backends,
-                                          compiled, rounds, warmup)
+                times = verify.time_steps(model_cfg, step_cfg, self.device, self.amp_dtype,
+                                          backends, compiled, rounds, warmup)
             except (RuntimeError, MemoryError) as e:
                 if not is_out_of_memory(e):
                     raise
@@ -233,7 +238,15 @@ class Doctor:
         self.report["speed"] = {"batch": batch, "block": model_cfg.block_size, "rounds": rounds,
                                 "warmup": warmup, "interpreted": self.interpreted, "rows": rows}
         return next((r["vs_torch"] for r in rows if r["backend"] == "triton"
-                     and not r["compile"]), 0.0)
+                     and not r["compile"]), None)
+
+
+def auto_verdict(speedup: float | None) -> str:
+    """What `--backend auto` takes at the doctor's shape, from triton's eager speed-up over torch
+    (None: the step was not timed, so there is nothing to decide by)."""
+    if speedup is None:
+        return "not known: the training step could not be timed (out of memory)"
+    return f"{'triton' if speedup >= 1 else 'torch'} (triton {speedup:.2f}x torch)"
 
 
 def _json_check(check: verify.OpCheck) -> dict:
@@ -243,7 +256,7 @@ def _json_check(check: verify.OpCheck) -> dict:
     return entry
 
 
-def run_doctor(device: torch.device, model_cfg: ModelConfig, batch_size: int, compile: bool,
+def run_doctor(device: torch.device, model_cfg: ModelConfig, cfg: TrainConfig, compile: bool,
                interpreted: bool, json_path: str | None) -> int:
     """Print the report to stdout (and write it to `json_path`); return the exit status."""
     def write(line: str) -> None:
@@ -252,14 +265,14 @@ def run_doctor(device: torch.device, model_cfg: ModelConfig, batch_size: int, co
     path = None if json_path is None else Path(json_path)
     if path is not None and not path.parent.is_dir():
         raise UserError(f"--json {path}: {path.parent} is not a directory")
-    doctor = Doctor(device, model_cfg, batch_size, compile, interpreted, write)
+    doctor = Doctor(device, model_cfg, cfg, compile, interpreted, write)
     model = ("the bigram model" if model_cfg.model == "bigram" else
              f"{model_cfg.n_layer} layers x {model_cfg.n_head} heads x {model_cfg.n_embd} wide")
     write(f"tinygpt doctor: {device_words(device)}; {model}, block {model_cfg.block_size}, "
-          f"batch {batch_size}")
+          f"batch {cfg.batch_size}")
     status = doctor.run()
     if path is not None:
-        report = {"model": dataclasses.asdict(model_cfg), "batch_size": batch_size,
+        report = {"model": dataclasses.asdict(model_cfg), "batch_size": cfg.batch_size,
                   **doctor.report}
         try:
             path.write_text(json.dumps(report, indent=1) + "\n")

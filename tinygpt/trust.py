@@ -4,7 +4,7 @@ where they measured faster than torch.
 The first time a run meets a GPU (its name and compute capability), torch, Triton and kernel
 source (a hash of `tinygpt/kernels/*.py`), and a shape, `verify.check_kernels` runs at the run's
 shape before the first step; `auto` then times a training step on each backend at the run's
-exact model, batch, dtype and compile setting. Both results are cached in
+exact model, batch, dtype, optimizers and compile setting. Both results are cached in
 CACHE/kernel-checks/ (`data.cache_dir`, TINYGPT_CACHE), one JSON file per key holding the key
 itself, so a later run with the same key starts at once. A file that is missing, unreadable or
 not what its key promises is measured again; a cache that cannot be written costs only the
@@ -130,21 +130,23 @@ def verified(shape: verify.Shape, device: torch.device, out_dtype: torch.dtype |
     return worst
 
 
-def timed(model_cfg: ModelConfig, batch_size: int, device: torch.device,
-          amp_dtype: torch.dtype | None, compile: bool, say: Callable[[str], None],
+def timed(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
+          amp_dtype: torch.dtype | None, say: Callable[[str], None],
           between: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median ms per training step on the torch and triton backends at this exact run shape,
-    from the cache when it was timed before."""
+    """Median ms per training step on the torch and triton backends at this exact run shape and
+    with the run's optimizers (`cfg`), from the cache when it was timed before."""
     key = {**environment_key(device), "model": dataclasses.asdict(model_cfg),
-           "batch_size": batch_size, "amp_dtype": str(amp_dtype), "compile": compile}
+           "batch_size": cfg.batch_size, "amp_dtype": str(amp_dtype), "compile": cfg.compile,
+           "optimizer": cfg.optimizer,
+           "muon_ns_steps": cfg.muon_ns_steps if cfg.optimizer == "muon" else None}
     if (cached := _load(key, _valid_timing)) is not None:
         return cached["ms"]
-    say(f"timing a training step on the triton and torch backends at batch {batch_size} x "
-        f"{model_cfg.block_size}{' under torch.compile' if compile else ''} (once for this "
+    say(f"timing a training step on the triton and torch backends at batch {cfg.batch_size} x "
+        f"{model_cfg.block_size}{' under torch.compile' if cfg.compile else ''} (once for this "
         "shape)")
     start = time.perf_counter()
-    times = verify.time_steps(model_cfg, batch_size, device, amp_dtype, ("triton", "torch"),
-                              compile, TIMED_ROUNDS, TIMED_WARMUP, between)
+    times = verify.time_steps(model_cfg, cfg, device, amp_dtype, ("triton", "torch"),
+                              cfg.compile, TIMED_ROUNDS, TIMED_WARMUP, between)
     ms = verify.median_ms(times)
     say(f"timed in {time.perf_counter() - start:.1f} s: {ms['triton']:.2f} ms a step on triton, "
         f"{ms['torch']:.2f} ms on torch")
@@ -152,10 +154,11 @@ def timed(model_cfg: ModelConfig, batch_size: int, device: torch.device,
     return ms
 
 
-def settle(resolved: str, device: torch.device, model_cfg: ModelConfig, batch_size: int,
-           amp_dtype: torch.dtype | None, compile: bool, *, explicit: bool, by_speed: bool,
+def settle(resolved: str, device: torch.device, model_cfg: ModelConfig, cfg: TrainConfig,
+           amp_dtype: torch.dtype | None, *, explicit: bool, by_speed: bool,
            say: Callable[[str], None], between: Callable[[], None] = lambda: None) -> Choice:
-    """The backend a run takes, given `resolved` (`ops.resolve_backend`'s answer).
+    """The backend a run of `model_cfg` and `cfg` takes, given `resolved`
+    (`ops.resolve_backend`'s answer).
 
     Only `triton` is examined: checked first (`verified`). A failure is an error when the user
     asked for triton (`explicit`), else the run takes torch with one line saying why. With
@@ -166,7 +169,7 @@ def settle(resolved: str, device: torch.device, model_cfg: ModelConfig, batch_si
             or model_cfg.model == "bigram"):  # the bigram model runs no kernel
         return Choice(resolved)
     name = device_words(device)
-    shape = verify.Shape.of(model_cfg, batch_size, amp_dtype or torch.float32).capped()
+    shape = verify.Shape.of(model_cfg, cfg.batch_size, amp_dtype or torch.float32).capped()
     worst = verified(shape, device, amp_dtype, say, between)
     if not worst.passed:
         reason = f"{worst.op}: {worst.reason()}"
@@ -182,7 +185,7 @@ def settle(resolved: str, device: torch.device, model_cfg: ModelConfig, batch_si
         return Choice("torch", f"the Triton kernels failed their check on {name}")
     if not by_speed:
         return Choice("triton", f"verified on {name}")
-    ms = timed(model_cfg, batch_size, device, amp_dtype, compile, say, between)
+    ms = timed(model_cfg, cfg, device, amp_dtype, say, between)
     speedup = ms["torch"] / ms["triton"]
     if speedup >= 1.0:
         return Choice("triton", f"verified on {name}, {speedup:.2f}x torch at this shape")
@@ -234,9 +237,8 @@ def choose(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device,
     if cfg.compile and resolved == "triton" and device.type != "cuda":
         raise UserError("--compile with the triton backend needs CUDA: the Triton interpreter "
                         "cannot be traced")
-    choice = settle(resolved, device, model_cfg, cfg.batch_size, amp_dtype, cfg.compile,
-                    explicit=request == "triton", by_speed=request == "auto" and not kept,
-                    say=say, between=between)
+    choice = settle(resolved, device, model_cfg, cfg, amp_dtype, explicit=request == "triton",
+                    by_speed=request == "auto" and not kept, say=say, between=between)
     choice = agree(choice, resolved, device)
     why = "; ".join(w for w in ("kept from the checkpoint" if kept else "", choice.why) if w)
     return choice.backend, why

@@ -9,9 +9,9 @@ plus a small absolute floor. PyTorch's own error comes from `scaled_dot_product_
 `layer_norm`, or, where those cannot take the kernel's dropout mask, from the reference math in the
 low-precision dtype.
 
-`time_steps` times full training steps (forward, backward, clipping, AdamW, under autocast) of one
-model on several backends, interleaved round by round so that a clock or thermal drift reaches
-all of them alike.
+`time_steps` times full training steps (forward, backward, clipping, the run's optimizers, under
+autocast) of one model on several backends, interleaved round by round so that a clock or thermal
+drift reaches all of them alike.
 """
 
 from __future__ import annotations
@@ -291,23 +291,23 @@ def worst(checks: Sequence[OpCheck]) -> OpCheck:
     return failed[0] if failed else max(checks, key=lambda c: c.ratio / c.limit)
 
 
-def time_steps(model_cfg: ModelConfig, batch_size: int, device: torch.device,
+def time_steps(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
                amp_dtype: torch.dtype | None, backends: Sequence[str], compile: bool = False,
                rounds: int = 5, warmup: int = 2, between: Callable[[], None] = lambda: None
                ) -> dict[str, list[float]]:
-    """Milliseconds of each of `rounds` training steps per backend, one model switching backend
-    between steps (they share no state but the weights), after `warmup` steps each (which
-    compile, with `compile`); `between()` is called before each step. Torch's random streams
-    are left as they were."""
+    """Milliseconds of each of `rounds` training steps per backend, at `cfg`'s batch size with
+    its optimizers, one model switching backend between steps (they share no state but the
+    weights), after `warmup` steps each (which compile, with `compile`); `between()` is called
+    before each step. Torch's random streams are left as they were."""
     cuda = device.type == "cuda"
     times: dict[str, list[float]] = {b: [] for b in backends}
     with torch.random.fork_rng([device] if cuda else [], device_type="cuda"):
         torch.manual_seed(0)
         model = build_model(model_cfg, backends[0]).to(device)
-        optimizer = make_optimizer(model, TrainConfig(), device)
+        optimizer = make_optimizer(model, cfg, device)
         step_model = torch.compile(model) if compile else model
-        x, y = torch.randint(0, model_cfg.vocab_size, (2, batch_size, model_cfg.block_size),
-                             device=device)  # (B, T) each
+        tokens = (2, cfg.batch_size, model_cfg.block_size)
+        x, y = torch.randint(0, model_cfg.vocab_size, tokens, device=device)  # (B, T) each
         autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                     else contextlib.nullcontext())
 
@@ -320,7 +320,8 @@ def time_steps(model_cfg: ModelConfig, batch_size: int, device: torch.device,
             with autocast:
                 _, loss = step_model(x, y)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cuda:

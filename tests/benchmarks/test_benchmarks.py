@@ -349,14 +349,15 @@ def test_gpu_suite_refuses_a_stage_it_does_not_know(tmp_path, run_command, stage
     assert not (tmp_path / "calls.jsonl").exists()  # nothing ran
 
 
+@pytest.mark.slow
 @pytest.mark.corpus
 def test_the_load_table_reads_what_tinygpt_prints(tmp_path, corpus_path):
     """`bench_train --load` on tinygpt's own output, with a core kept busy: step times from
     steps `first` on, the final val loss, the sampling rate; the busy process is gone after."""
     from benchmarks import load
 
-    train = load.train_run(tmp_path / "out", ["--threads", "1"], {}, True, 8, 3,
-                           str(corpus_path))
+    train = load.train_run(tmp_path / "out", ["--threads", "1", "--eval-iters", "2"], {}, True,
+                           8, 3, str(corpus_path))
     assert 0 < train["median"] < 1000 and 0 < train["mean"] < 1000
     assert float(train["val"]) < 5
     rate = load.sample_run(tmp_path / "out" / "last.pt", [], {"OMP_WAIT_POLICY": "PASSIVE"},
@@ -430,6 +431,7 @@ def test_the_sweep_table_counts_steps_to_the_target_per_seed():
                            "-"]
 
 
+@pytest.mark.slow
 def test_a_sweep_writes_its_table_and_curves(tmp_path, small_text_file, run_command):
     """The sweep entry end to end on a tiny model: a row a config, the target taken from
     AdamW at 1e-3, ms/step for both optimizers, and the loss curves."""

@@ -17,6 +17,7 @@ from tinygpt.config import SEED_LIMIT, ModelConfig, SampleConfig, TrainConfig, f
 from tinygpt.errors import UserError
 from tinygpt.generate import generate
 from tinygpt.model import build_model
+from tinygpt.threads import usable_cores
 
 # Each is refused in one line naming the problem, with exit status 2 and nothing written.
 BAD_ARGUMENTS = {
@@ -72,8 +73,9 @@ BAD_ARGUMENTS = {
     # inside torch or numpy, or ran out of memory with the wrong advice).
     "threads past 64 bits": (["train", "--threads", str(10**30)],
                              "argument --threads: must be at most"),
-    "threads past the machine": (["sample", "--threads", str((os.cpu_count() or 1) + 1)],
-                                 f"must be at most {os.cpu_count() or 1} (this machine's logical"),
+    "threads past the machine": (["sample", "--threads", str(usable_cores() + 1)],
+                                 f"must be at most {usable_cores()} (the logical CPUs this "
+                                 "process may run on)"),
     "micro-batches past 64 bits": (["train", "--grad-accum", str(10**30)],
                                    "grad_accum must be in [1, 4096], got 1000000000000000000000"),
     "evaluation batches past 64 bits": (["train", "--eval-iters", str(10**30)],
@@ -83,6 +85,8 @@ BAD_ARGUMENTS = {
     "join timeout inf": (["train", "--join-timeout", "inf"],
                          "argument --join-timeout: must be a number of seconds in (0, 86400]"),
     "join timeout nan": (["train", "--join-timeout", "nan"], "in (0, 86400], got 'nan'"),
+    "join timeout 0": (["train", "--join-timeout", "0"], "in (0, 86400], got '0'"),
+    "join timeout negative": (["train", "--join-timeout", "-5"], "in (0, 86400], got '-5'"),
     "doctor batch past 64 bits": (["doctor", "--batch-size", str(10**30)],
                                   "batch_size must be in [1, 1048576]"),
     "weight decay past 1/lr": (["train", "--preset", "cpu-baby", "--weight-decay", "1e300"],
@@ -169,6 +173,18 @@ def test_bad_argument_is_one_line(answers, name):
     assert err.startswith("tinygpt: error: ") and err.count("\n") == 1, err
     assert needle in err, err
     assert not out.exists()
+
+
+def test_threads_are_bounded_by_the_cores_this_process_may_use(monkeypatch, capsys):
+    """Under `taskset` or a container's CPU set, the machine's count is not the bound."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    with pytest.raises(SystemExit) as exit:
+        main(["sample", "--threads", "2"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert err.startswith("tinygpt: error: argument --threads: must be at most 1 (the logical "
+                          "CPUs this process may run on), got 2"), err
 
 
 def test_arguments_are_answered_before_torch_is_imported(answers):

@@ -6,8 +6,11 @@ import os
 import sys
 
 import pytest
+import torch
 
+from tinygpt import doctor, verify
 from tinygpt.cli import main
+from tinygpt.config import from_preset
 
 attention_module = importlib.import_module("tinygpt.kernels.attention")
 
@@ -16,12 +19,13 @@ OPS = ["attention_qkv (causal)", "attention_qkv (causal, dropout 0.2)", "attenti
        "add_layer_norm (float32 + float32 -> float32)", "layer_norm (float32 -> float32)"]
 
 
+@pytest.mark.slow
 def test_doctor_runs_end_to_end_on_the_cpu(run_command, tmp_path):
     """As a user runs it, without TRITON_INTERPRET set: the kernels run in the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "doctor.json"
     proc = run_command([sys.executable, "-m", "tinygpt", "doctor", "--device", "cpu", "--json",
-                        str(report)], timeout=60, env=env)
+                        str(report)], timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "the kernels run in Triton's interpreter, at small shapes" in out
@@ -67,6 +71,52 @@ def test_without_the_interpreter_the_kernels_are_not_checked(monkeypatch, capsys
     out = capsys.readouterr().out
     assert "not checked: off CUDA the kernels run only in Triton's interpreter" in out
     assert "triton: not timed" in out and "  torch  " in out
+
+
+def stub_steps(monkeypatch, ms: dict[str, float] | Exception) -> list:
+    """Every kernel passes its check at once; `time_steps` returns `ms` for each step, or raises
+    it. Returns the training configs it was asked to time."""
+    check = verify.OpCheck("attention_qkv (causal)", True, "dq", 1.1, 3.0)
+    monkeypatch.setattr(verify, "check_kernels", lambda *args: [check])
+    timed = []
+
+    def time_steps(model_cfg, cfg, device, amp, backends, compile, rounds, warmup):
+        timed.append(cfg)
+        if isinstance(ms, Exception):
+            raise ms
+        return {b: [ms[b]] * rounds for b in backends}
+
+    monkeypatch.setattr(verify, "time_steps", time_steps)
+    return timed
+
+
+def test_the_speed_ratio_is_torchs_time_over_tritons(monkeypatch, capsys, tmp_path):
+    """Triton at 4 ms a step against torch's 10 is 2.5x torch, and `auto` takes it; the step
+    timed is the preset's, Muon included."""
+    timed = stub_steps(monkeypatch, {"torch": 10.0, "triton": 4.0})
+    report = tmp_path / "doctor.json"
+    assert main(["doctor", "--device", "cpu", *SMALL, "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if line.startswith("  triton ") and " ms " in line]
+    assert row.split()[1:] == ["4.00", "ms", "8,000", "tokens/s", "2.5x", "torch"]
+    assert "clipping, Muon and AdamW, at batch 1 x 32" in out
+    rows = {r["backend"]: r for r in json.loads(report.read_text())["speed"]["rows"]}
+    assert rows["triton"]["vs_torch"] == 2.5 and rows["torch"]["vs_torch"] == 1.0
+    assert [(cfg.optimizer, cfg.batch_size) for cfg in timed] == [("muon", 1)]
+    assert doctor.auto_verdict(2.5) == "triton (triton 2.50x torch)"
+    assert doctor.auto_verdict(0.8) == "torch (triton 0.80x torch)"
+
+
+def test_a_step_out_of_memory_is_not_reported_as_a_speed(monkeypatch, capsys):
+    stub_steps(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    model_cfg, cfg = from_preset("cpu-baby", n_layer=1, block_size=32, batch_size=1)
+    lines = []
+    speedup = doctor.Doctor(torch.device("cpu"), model_cfg, cfg, False, True,
+                            lines.append).speed(None)
+    assert speedup is None and "  not timed: out of memory" in lines
+    assert not any("x torch" in line for line in lines)
+    assert doctor.auto_verdict(speedup) == ("not known: the training step could not be timed "
+                                            "(out of memory)")
 
 
 @pytest.mark.parametrize("argv,needle", [

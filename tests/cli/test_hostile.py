@@ -88,6 +88,9 @@ RESUMED = {
                      "parameter 0 has exp_avg, exp_avg_sq; expected exp_avg, exp_avg_sq, step"),
     "state of a parameter the model lacks": (_set("optimizer.adamw.state.999", {}),
                                              "(adamw: entry 999)"),
+    "state of the parameter after the last": (lambda p: p["optimizer"]["adamw"]["state"].update(
+        {sum(len(g["params"]) for g in p["optimizer"]["adamw"]["param_groups"]): {}}),
+        "(adamw: entry 5)"),  # AdamW steps 5 parameters: 0 to 4
     "groups of another model": (_set("optimizer.adamw.param_groups", [{"params": [0, 1]}]),
                                 "(adamw: its parameter groups are not this model's)"),
     "momentum of 3 elements": (_set("optimizer.muon.state.3.momentum_buffer", torch.zeros(3)),
@@ -113,6 +116,13 @@ RESUMED = {
     "batch stream named by text": (_set("rng.batches.x", torch.zeros(3, dtype=torch.uint8)),
                                    "random-number state (batch stream 'x')"),
     "streams as a list": (_set("rng", [1]), "not the torch, cuda and batches streams"),
+    "no CUDA streams entry": (lambda p: p["rng"].pop("cuda"),
+                              "not the torch, cuda and batches streams"),
+    "fewer CUDA streams than processes": (_set("rng.cuda", []),
+                                          "random-number state (0 CUDA streams beside 1 torch "
+                                          "stream)"),
+    "a CUDA stream of text": (_set("rng.cuda", ["x"]),
+                              "random-number state (cuda: not a generator's state)"),
     "best loss as text": (_set("best_val_loss", "x"), "malformed best_val_loss ('x')"),
     "best loss nan": (_set("best_val_loss", float("nan")), "malformed best_val_loss (nan)"),
     "best loss negative": (_set("best_val_loss", -1.0), "malformed best_val_loss (-1.0)"),
@@ -121,13 +131,17 @@ RESUMED = {
 
 
 _PROBE = """
-import contextlib, io, json, sys
+import contextlib, io, json, sys, traceback
 from tinygpt.cli import main
 results = {}
 for name, out_dir in json.loads(sys.argv[1]).items():
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = main(["train", "--resume", "--out-dir", out_dir, "--max-iters", "4"])
+        try:
+            rc = main(["train", "--resume", "--out-dir", out_dir, "--max-iters", "4"])
+        except Exception:  # a traceback: that case's test fails, showing it
+            rc = 1
+            traceback.print_exc()
     results[name] = [rc, err.getvalue()]
 print(json.dumps(results))
 """
@@ -355,3 +369,27 @@ def test_torchrun_help_is_torchruns(capsys):
     assert main(["torchrun", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: tinygpt torchrun [-h] [--nnodes NNODES]")
 
+
+
+@pytest.mark.parametrize("launcher", [
+    ["--nproc-per-node", "2", "--log-dir", "train"],  # `train` as an option's value
+    ["--standalone", "--nproc-per-node=2"],  # a flag right before `train`
+    ["--nproc-per-node", "2"],
+])
+def test_torchrun_runs_train_with_its_options_whatever_torchruns_are(monkeypatch, launcher):
+    import torch.distributed.run as torchrun
+
+    ran = []
+    monkeypatch.setattr(torchrun, "run", ran.append)
+    job = ["train", "--max-iters", "3", "--out-dir", "train"]
+    assert main(["torchrun", *launcher, *job]) == 0
+    (options,) = ran
+    assert (options.nproc_per_node, options.module, options.training_script,
+            options.training_script_args) == ("2", True, "tinygpt", job)
+    assert options.log_dir == ("train" if "--log-dir" in launcher else None)
+    assert options.standalone == ("--standalone" in launcher)
+
+
+def test_torchrun_refuses_a_program_of_its_own(capsys):
+    assert main(["torchrun", "--nproc-per-node=2", "script.py", "train"]) == 2
+    one_line(2, capsys.readouterr().err, "tinygpt torchrun runs `train`, not 'script.py'")

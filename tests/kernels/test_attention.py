@@ -116,10 +116,20 @@ def test_any_head_dim(D, dtype):
     _assert_within_rule(ours, torch_lp, exact, dtype)
 
 
+def keep_mask(B: int, H: int, T: int, S: int, dropout_p: float, seed: int) -> torch.Tensor:
+    """The kernels' keep-mask, for its statistics: on a GPU from the kernel; in Triton's
+    interpreter, which takes seconds per million weights, from numpy's copy of the kernels'
+    generator with the kernels' own threshold, equal bit for bit
+    (test_dropout_mask_is_philox_of_each_position)."""
+    if DEVICE == "cuda":
+        return attention_dropout_mask(B, H, T, S, dropout_p, seed, device=DEVICE)
+    return philox_keep_mask(B, H, T, S, dropout_p, seed, attention_module.PHILOX_ROUNDS.value,
+                            threshold=attention_module._dropout_args(dropout_p)[1])
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_keeps_the_right_fraction(p):
-    mask = attention_dropout_mask(4, 4, 256, 256, p, seed=torch.randint(0, 2**40, ()).item(),
-                                  device=DEVICE)
+    mask = keep_mask(4, 4, 256, 256, p, seed=torch.randint(0, 2**40, ()).item())
     assert mask.dtype == torch.bool and mask.shape == (4, 4, 256, 256)
     assert abs(mask.float().mean().item() - (1 - p)) < 0.01
     # no structure across heads or rows: different heads and rows get different masks
@@ -293,12 +303,13 @@ def test_peak_memory_is_linear_in_sequence_length():
 
 
 def philox_keep_mask(B: int, H: int, T: int, S: int, dropout_p: float, seed: int,
-                     rounds: int) -> torch.Tensor:
+                     rounds: int, threshold: int | None = None) -> torch.Tensor:
     """The keep-mask (bool, (B, H, T, S)) that kernels/attention.py documents, from numpy's
     Philox4x32 with `rounds` rounds: query 16c + 8z + d and key 16a + 8x + 2b + y keep their
     weight when the 16-bit half y of word 2x + z of the draw for counter (8c + d, 4a + b, bh, 0)
-    under key (seed's low, high 32 bits) reaches round(p * 2**16)."""
-    threshold = min(round(dropout_p * 2**16), 2**16 - 1)
+    under key (seed's low, high 32 bits) reaches `threshold`, by default round(p * 2**16)."""
+    if threshold is None:
+        threshold = min(round(dropout_p * 2**16), 2**16 - 1)
     lo32 = np.uint64(0xFFFFFFFF)
     c0, c1, c2 = np.meshgrid(np.arange(-(-T // 16) * 8, dtype=np.uint64),
                              np.arange(-(-S // 16) * 4, dtype=np.uint64),
@@ -322,7 +333,8 @@ def philox_keep_mask(B: int, H: int, T: int, S: int, dropout_p: float, seed: int
 
 
 @pytest.mark.parametrize("B,H,T,S,p,seed", [(1, 2, 70, 90, 0.5, 12345), (2, 1, 33, 130, 0.2, -7),
-                                            (1, 1, 16, 16, 0.9, 2**62 + 3)])
+                                            (1, 1, 16, 16, 0.9, 2**62 + 3),
+                                            (1, 2, 32, 48, 1 - 2**-18, 3)])  # threshold clamped
 def test_dropout_mask_is_philox_of_each_position(B, H, T, S, p, seed):
     """The kernels' mask is the documented map of Philox draws, bit for bit, at odd sizes and any
     64-bit seed: so the statistics of numpy's copy below are the kernels'."""
@@ -356,8 +368,8 @@ def test_dropout_decisions_are_independent(p):
     batches and seeds, are uncorrelated: |z| < 5.5 at each of the 2,000 offsets (2**20 bits;
     5.5 standard errors is 0.005). Two groups of keys sharing a draw correlate fully."""
     seed = torch.randint(0, 2**40, ()).item()
-    mask = attention_dropout_mask(2, 2, 512, 512, p, seed, device=DEVICE).float()
-    other = attention_dropout_mask(2, 2, 512, 512, p, seed + 1, device=DEVICE).float()
+    mask = keep_mask(2, 2, 512, 512, p, seed).float()
+    other = keep_mask(2, 2, 512, 512, p, seed + 1).float()
     z = keep_bit_z_scores(mask)
     worst = max(z, key=lambda k: abs(z[k]))
     assert abs(z[worst]) < 5.5, f"offset {worst}: z = {z[worst]:.1f}"
@@ -396,7 +408,7 @@ def test_dropout_probability_is_exact_to_16_bits():
     one weight in 2**16, and a p below 2**-17 drops nothing."""
     assert not attention_dropout_mask(1, 1, 16, 16, 1e-6, seed=3, device=DEVICE).logical_not().any()
     for p in (1 - 2**-16, 1 - 2**-18):  # the second rounds to 2**16: clamped, not wrapped to 0
-        mask = attention_dropout_mask(1, 4, 512, 512, p, seed=3, device=DEVICE)
+        mask = keep_mask(1, 4, 512, 512, p, seed=3)
         assert 0 < mask.sum().item() < 60  # 2**20 draws at 2**-16: 16 expected
 
 

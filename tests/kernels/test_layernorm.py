@@ -6,6 +6,8 @@ Rule: max |kernel - fp64 reference| <= 2 * max |PyTorch in the same dtypes - fp6
 + atol, for every output and every gradient.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -263,6 +265,70 @@ def test_launches_pass_wrap_triton_compiled_kernels_only(monkeypatch):
     exact = _run(layer_norm_reference, [t.double() for t in inputs[:3]], inputs[3:])
     for name, o, e in zip(("y", "dx", "dw", "db"), ours, exact):
         torch.testing.assert_close(o, e.float(), atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_device():
+    """With cuda:0 current, tensors on cuda:1 are computed on cuda:1: forward and both backward
+    launches, in registers and in column tiles."""
+    torch.cuda.set_device(0)
+    for N in (384, WIDE):
+        x, w, b, dy = _inputs((3, N), torch.bfloat16, "weight+bias")
+        r = torch.randn_like(x)
+        on = {d: [t.to(d) for t in (x, r, w, b)] for d in ("cuda:0", "cuda:1")}
+        results = {d: _run(add_layer_norm, on[d], (dy.to(d), dy.to(d))) for d in on}
+        assert all(t is None or t.device == torch.device("cuda:1") for t in results["cuda:1"])
+        for t0, t1 in zip(results["cuda:0"], results["cuda:1"]):
+            assert torch.equal(t0.cpu(), t1.cpu())
+
+
+def test_every_kernel_launch_is_inside_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: a launch outside `on_device(t)` for a tensor t
+    on another GPU reads and writes cuda:1's memory from cuda:0. Without a GPU, `on_device` is
+    recorded here, and every kernel of both modules (LayerNorm's and attention's) must launch
+    inside it for its first tensor's device."""
+    import importlib
+
+    from tinygpt.kernels import attention_dropout_mask, attention_qkv
+
+    current, launches = [], []
+
+    @contextlib.contextmanager
+    def recorded_device(t):
+        current.append(t.device)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    def recorded_launch(name, kernel):
+        def at(grid):
+            def launch(*args, **kwargs):
+                tensor = next(a for a in args if torch.is_tensor(a))
+                launches.append((name, current[-1] if current else None, tensor.device))
+                return kernel[grid](*args, **kwargs)
+            return launch
+        return type("Launch", (), {"__getitem__": staticmethod(at)})()
+
+    kernels = set()
+    for module in ("attention", "layernorm"):
+        module = importlib.import_module(f"tinygpt.kernels.{module}")
+        monkeypatch.setattr(module, "on_device", recorded_device)
+        for name, kernel in list(vars(module).items()):
+            if name.endswith("_kernel"):
+                kernels.add(name)
+                monkeypatch.setattr(module, name, recorded_launch(name, kernel))
+    x, w, b, dy = _inputs((2, WIDE), torch.float32, "weight+bias")  # column tiles: row sums
+    _run(layer_norm, (x, w, b), (dy,))
+    _run(add_layer_norm, (x[:, :40], torch.randn_like(x[:, :40]), w[:40], b[:40]),
+         (dy[:, :40], dy[:, :40]))
+    qkv = torch.randn(1, 16, 3, 2, 16, device=DEVICE, requires_grad=True)
+    attention_qkv(qkv, dropout_p=0.1, seed=1).sum().backward()
+    attention_dropout_mask(1, 2, 16, 16, 0.1, seed=1, device=DEVICE)
+    assert {name for name, _, _ in launches} == kernels
+    outside = [(name, inside, device) for name, inside, device in launches if inside != device]
+    assert outside == [], f"launched outside their tensor's device: {outside}"
 
 
 def _opcheck(op, args):

@@ -10,8 +10,8 @@ import importlib
 import pytest
 import torch
 
-from tinygpt import verify
-from tinygpt.config import ModelConfig
+from tinygpt import optim, verify
+from tinygpt.config import ModelConfig, TrainConfig
 
 attention_module = importlib.import_module("tinygpt.kernels.attention")
 layernorm_module = importlib.import_module("tinygpt.kernels.layernorm")
@@ -153,11 +153,34 @@ def test_steps_are_timed_interleaved_on_one_model(monkeypatch):
 
     monkeypatch.setattr(verify, "build_model", recorded)
     before = torch.get_rng_state()
-    times = verify.time_steps(cfg, 2, torch.device("cpu"), None, ("torch", "reference"),
-                              rounds=3, warmup=1, between=lambda: between.append(1))
+    times = verify.time_steps(cfg, TrainConfig(batch_size=2), torch.device("cpu"), None,
+                              ("torch", "reference"), rounds=3, warmup=1,
+                              between=lambda: between.append(1))
     assert torch.equal(torch.get_rng_state(), before)
     assert order == ["torch", "reference"] + ["torch", "reference", "reference", "torch",
                                               "torch", "reference"]
     assert len(models) == 1 and len(between) == len(order)
     assert {b: len(ms) for b, ms in times.items()} == {"torch": 3, "reference": 3}
     assert all(ms > 0 for b in times for ms in times[b])
+
+
+@pytest.mark.parametrize("optimizer,steps", [("muon", {"adamw": 3, "muon": 3}),
+                                             ("adamw", {"adamw": 3})])
+def test_the_step_timed_is_the_runs_own(monkeypatch, optimizer, steps):
+    """`auto` decides by the step the run takes: with its optimizers and its batch."""
+    cfg = ModelConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    stepped, batches = {}, []
+    for name, cls in (("adamw", torch.optim.AdamW), ("muon", optim.Muon)):
+        monkeypatch.setattr(cls, "step", lambda self, *a, _step=cls.step, _name=name, **k: (
+            stepped.update({_name: stepped.get(_name, 0) + 1}), _step(self, *a, **k))[1])
+    build = verify.build_model
+
+    def recorded(cfg, backend):
+        model = build(cfg, backend)
+        model.register_forward_pre_hook(lambda model, args: batches.append(args[0].shape[0]))
+        return model
+
+    monkeypatch.setattr(verify, "build_model", recorded)
+    verify.time_steps(cfg, TrainConfig(batch_size=3, optimizer=optimizer), torch.device("cpu"),
+                      None, ("torch",), rounds=2, warmup=1)
+    assert stepped == steps and batches == [3, 3, 3]

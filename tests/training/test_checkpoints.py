@@ -166,12 +166,14 @@ def test_checkpoint_vocabulary_must_match_its_embedding(tmp_path, capsys, corpus
 def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path, capsys):
     cfg = ModelConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
     state = build_model(cfg).state_dict()
-    cfg.n_layer = 3  # the stored config now claims a layer the weights lack
-    save_checkpoint(tmp_path / "best.pt", {"model_config": vars(cfg), "train_config": {},
-                                           "iteration": 0, "model": state, "vocab": "abcdefghijk"})
-    rc, _, err = run_cli(capsys, "sample", "--out-dir", str(tmp_path), "--prompt", "a",
-                         "--device", "cpu")
-    one_line_error(rc, err, "weights do not fit the model")
+    # the stored config claims a layer the weights lack, then lacks a layer they hold
+    for n_layer, needle in ((3, "missing blocks.2."), (1, "unexpected blocks.1.")):
+        save_checkpoint(tmp_path / "best.pt", {"model_config": {**vars(cfg), "n_layer": n_layer},
+                                               "train_config": {}, "iteration": 0,
+                                               "model": state, "vocab": "abcdefghijk"})
+        rc, _, err = run_cli(capsys, "sample", "--out-dir", str(tmp_path), "--prompt", "a",
+                             "--device", "cpu")
+        one_line_error(rc, err, f"weights do not fit the model its config describes ({needle}")
     save_checkpoint(tmp_path / "best.pt", {"model_config": {"n_layers": 2}, "train_config": {},
                                            "iteration": 0, "model": state, "vocab": "ab"})
     rc, _, err = run_cli(capsys, "sample", "--out-dir", str(tmp_path), "--device", "cpu")

@@ -2,6 +2,8 @@
 and running out of memory ending in one line that says what was kept."""
 
 import contextlib
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +74,16 @@ def test_muon_needs_less_than_adamw_by_what_its_state_saves():
 def _out_of_memory(*args, **kwargs):
     raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                        "51539607552 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="reads Linux's /proc/meminfo")
+def test_free_memory_on_the_cpu_is_counted_in_bytes():
+    """MemAvailable, which /proc/meminfo gives in KiB, lies between the free pages and all of
+    the machine's memory, as the C library counts them in bytes."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    free_pages, total = os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+    available = memory.free_bytes(torch.device("cpu"))
+    assert free_pages / 2 <= available <= total, (free_pages, available, total)
 
 
 def test_out_of_memory_in_the_first_step_writes_nothing(tmp_path, capsys, corpus_path,

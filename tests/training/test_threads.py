@@ -159,18 +159,19 @@ def test_results_are_the_same_whatever_the_thread_count(tmp_path, corpus_path, m
         assert all(torch.equal(weights[k], runs[name][1][k]) for k in weights), name
 
 
+@pytest.mark.slow
 @pytest.mark.corpus
 def test_the_command_line_gives_the_same_results_at_any_thread_count(tmp_path, corpus_path,
                                                                       run_command):
     """Fresh processes, as a user starts them: `tinygpt train` on 1 thread and on up to 3 (no
     more than the machine has: --threads refuses more) writes the same weights, and `tinygpt
     sample` prints the same text on 1 thread and by default."""
-    if (os.cpu_count() or 1) < 2:
+    if threads.usable_cores() < 2:
         pytest.skip("one CPU: a single thread count to compare")
     env = {k: v for k, v in os.environ.items() if not k.startswith(threads.THREAD_VARIABLES)}
     tinygpt = [sys.executable, "-m", "tinygpt"]
     weights = []
-    for n in ("1", str(min(3, os.cpu_count()))):
+    for n in ("1", str(min(3, threads.usable_cores()))):
         out = tmp_path / n
         proc = run_command([*tinygpt, "train", "--preset", "cpu-baby", "--threads", n,
                             "--data", str(corpus_path), "--max-iters", "12", "--eval-interval",

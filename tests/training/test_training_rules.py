@@ -4,6 +4,7 @@ the run evaluates and writes best.pt and last.pt, and evaluation leaving the tra
 alone."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -192,6 +193,38 @@ def test_best_checkpoint_is_written_only_when_val_improves(tmp_path, small_text_
     best = load_checkpoint(tmp_path / "best.pt")
     assert (best["iteration"], best["best_val_loss"]) == (6, 2.4)
     assert load_checkpoint(tmp_path / "last.pt")["best_val_loss"] == summary["best_val_loss"] == 2.4
+
+
+def test_a_resumed_run_keeps_its_best_val_loss(tmp_path, small_text_file, monkeypatch):
+    """best.pt is replaced only by a model better than every earlier one, the first run's too."""
+    vals = iter([3.0, 2.5, 2.7, 2.6, 2.55])  # steps 0, 2, 4; resumed at 4: steps 6, 8
+    monkeypatch.setattr(train_mod, "estimate_loss",
+                        lambda *args: {"train": 9.0, "val": next(vals)})
+    tiny_run(tmp_path, small_text_file, max_iters=4, eval_interval=2)
+    best = (tmp_path / "best.pt").read_bytes()
+    resumed = train("cpu-baby", {"out_dir": str(tmp_path), "max_iters": 8}, resume=True,
+                    log_interval=1000)
+    assert (tmp_path / "best.pt").read_bytes() == best
+    assert load_checkpoint(tmp_path / "best.pt")["iteration"] == 2
+    assert resumed["best_val_loss"] == load_checkpoint(tmp_path / "last.pt")["best_val_loss"] == 2.5
+
+
+def test_evaluation_time_is_left_out_of_ms_per_iter(tmp_path, small_text_file, monkeypatch,
+                                                    capsys):
+    """Each evaluation takes a second here, the steps around it milliseconds: the progress line
+    after an evaluation shows the steps' speed, not the evaluation's."""
+    estimate = train_mod.estimate_loss
+
+    def slow_estimate(*args):
+        time.sleep(1.0)
+        return estimate(*args)
+
+    monkeypatch.setattr(train_mod, "estimate_loss", slow_estimate)
+    train("cpu-baby", {**TINY, "out_dir": str(tmp_path), "max_iters": 4, "eval_interval": 2},
+          data=str(small_text_file), log_interval=1)
+    speeds = [float(line.split(" | ")[1].removesuffix(" ms/iter"))
+              for line in capsys.readouterr().err.splitlines() if "ms/iter |" in line]
+    assert len(speeds) == 3 and max(speeds) < 500, speeds  # steps 2 to 4
 
 
 def test_evaluation_leaves_the_training_trajectory_alone(tmp_path, small_text_file):

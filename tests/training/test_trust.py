@@ -5,6 +5,7 @@ same code runs on the kernels in Triton's interpreter. Timings are stubbed where
 the choice, not the clock.
 """
 
+import dataclasses
 import importlib
 import json
 import shutil
@@ -16,7 +17,7 @@ import triton
 from tinygpt import ops, trust, verify
 from tinygpt.checkpoint import load_checkpoint
 from tinygpt.cli import main
-from tinygpt.config import ModelConfig
+from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.errors import UserError
 from tinygpt.train import train
 
@@ -37,22 +38,26 @@ def checked(tmp_path, monkeypatch):
     return tmp_path / "cache" / "kernel-checks"
 
 
-def counted(monkeypatch) -> list:
-    """The shapes `verify.check_kernels` is called at, from now on."""
+def counted(monkeypatch, real: bool = True) -> list:
+    """The shapes `verify.check_kernels` is called at, from now on; each check run on the
+    kernels, or (not `real`, for tests of the cache alone) a verdict that they passed."""
     calls, check = [], verify.check_kernels
+    passed = [verify.OpCheck("attention_qkv (causal)", True, "dq", 1.1, 3.0)]
 
     def counting(shape, *args):
         calls.append(shape)
-        return check(shape, *args)
+        return check(shape, *args) if real else passed
 
     monkeypatch.setattr(verify, "check_kernels", counting)
     return calls
 
 
-def settle(said=None, cfg=CFG, batch=1, explicit=False, by_speed=False) -> trust.Choice:
+def settle(said=None, cfg=CFG, batch=1, explicit=False, by_speed=False, optimizer="adamw"
+           ) -> trust.Choice:
     said = [] if said is None else said
-    return trust.settle("triton", CPU, cfg, batch, None, False, explicit=explicit,
-                        by_speed=by_speed, say=said.append)
+    run = TrainConfig(batch_size=batch, optimizer=optimizer)
+    return trust.settle("triton", CPU, cfg, run, None, explicit=explicit, by_speed=by_speed,
+                        say=said.append)
 
 
 def wrong_dk(monkeypatch) -> None:
@@ -74,8 +79,8 @@ def stub_checks(monkeypatch, passed=True) -> None:
 def stub_timing(monkeypatch, triton_ms: float, torch_ms: float) -> list:
     calls = []
 
-    def time_steps(model_cfg, batch, device, amp, backends, *args):
-        calls.append(backends)
+    def time_steps(model_cfg, cfg, device, amp, backends, *args):
+        calls.append((backends, cfg.optimizer))
         return {"triton": [triton_ms] * 3, "torch": [torch_ms] * 3}
 
     monkeypatch.setattr(verify, "time_steps", time_steps)
@@ -98,7 +103,7 @@ def test_a_changed_kernel_source_triton_version_or_shape_misses_the_cache(
     sources = tmp_path / "kernels"
     shutil.copytree(trust.KERNEL_SOURCES, sources, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(trust, "KERNEL_SOURCES", sources)
-    calls = counted(monkeypatch)
+    calls = counted(monkeypatch, real=False)
     settle()
     settle()
     assert len(calls) == 1
@@ -115,10 +120,22 @@ def test_a_changed_kernel_source_triton_version_or_shape_misses_the_cache(
     assert len(calls) == 4 and len(list(checked.glob("*.json"))) == 4
 
 
+def test_a_model_with_biases_or_dropout_is_checked_apart(checked, monkeypatch):
+    """The kernels run other code with biases (the LayerNorm's) and with dropout (attention's
+    mask): a verdict for the model without them says nothing of the model with them."""
+    shapes = counted(monkeypatch, real=False)
+    settle()
+    settle(cfg=dataclasses.replace(CFG, bias=True))
+    settle(cfg=dataclasses.replace(CFG, dropout=0.1))
+    settle(cfg=dataclasses.replace(CFG, bias=True))
+    assert [(s.bias, s.dropout) for s in shapes] == [(False, 0.0), (True, 0.0), (False, 0.1)]
+    assert len(list(checked.glob("*.json"))) == 3
+
+
 @pytest.mark.parametrize("content", ["{not json", '{"key": {}, "result": {}}', "",
                                      "corrupt-verdict"])
 def test_a_corrupt_or_foreign_cache_entry_is_measured_again(checked, monkeypatch, content):
-    calls = counted(monkeypatch)
+    calls = counted(monkeypatch, real=False)
     settle()
     (path,) = checked.glob("*.json")
     entry = json.loads(path.read_text())
@@ -135,7 +152,7 @@ def test_an_unwritable_cache_costs_only_the_remeasuring(checked, monkeypatch, tm
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     monkeypatch.setenv("TINYGPT_CACHE", str(blocker))
-    calls, said = counted(monkeypatch), []
+    calls, said = counted(monkeypatch, real=False), []
     assert settle(said).backend == "triton"
     assert any(line.startswith(f"could not cache the result in {blocker}") for line in said)
     settle()
@@ -191,10 +208,21 @@ def test_only_a_new_auto_run_is_timed(checked, monkeypatch):
     assert timings == []
 
 
+def test_auto_times_the_runs_own_optimizers(checked, monkeypatch):
+    """A Muon run is timed stepping Muon, and its timing is not an AdamW run's."""
+    stub_checks(monkeypatch)
+    timings = stub_timing(monkeypatch, 10.0, 20.0)
+    settle(by_speed=True, optimizer="muon")
+    settle(by_speed=True, optimizer="adamw")
+    settle(by_speed=True, optimizer="muon")
+    assert [optimizer for _, optimizer in timings] == ["muon", "adamw"]
+
+
 def test_nothing_is_checked_off_the_checked_devices_or_without_kernels(checked, monkeypatch):
     calls = counted(monkeypatch)
     assert settle(cfg=ModelConfig(model="bigram", vocab_size=11)).backend == "triton"
-    assert trust.settle("torch", CPU, CFG, 1, None, False, explicit=False, by_speed=True,
+    assert trust.settle("torch", CPU, CFG, TrainConfig(batch_size=1), None, explicit=False,
+                        by_speed=True,
                         say=print).backend == "torch"
     monkeypatch.setattr(trust, "CHECKED_DEVICES", ("cuda",))
     assert settle().backend == "triton"
