@@ -1,9 +1,11 @@
 """How the project's modules import each other: the package never imports the benchmarks (which
-are scripts of the checkout, not installed), and no import, at the top of a module or inside a
-function, closes a cycle."""
+are scripts of the checkout, not installed), no import, at the top of a module or inside a
+function, closes a cycle, and the fused kernels load only when a run uses them."""
 
 import ast
 import graphlib
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,3 +53,58 @@ def test_no_import_cycle():
     known = modules()
     graph = {name: imports(name, path, known) for name, path in known.items()}
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+
+
+def fresh_python(code: str) -> str:
+    """What `code` prints in a new interpreter, where no test has imported anything yet."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_run_on_the_torch_backend_never_loads_the_fused_kernels():
+    """Registering the Triton ops imports torch's compiler stack, seconds of every start: a CPU
+    run's imports, backend choice, forward and backward must not load them."""
+    loaded = fresh_python("""
+import sys, torch
+from tinygpt import cli, generate, ops, train
+from tinygpt.config import ModelConfig
+from tinygpt.model import build_model
+model = build_model(ModelConfig(block_size=8, n_layer=1, n_head=2, n_embd=8),
+                    ops.resolve_backend("auto", "cpu"))
+model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))[1].backward()
+print([m for m in ("tinygpt.kernels.flash_attention", "tinygpt.kernels.layernorm",
+                   "torch._inductor") if m in sys.modules])
+""")
+    assert loaded == "[]"
+
+
+def test_the_fused_ops_load_on_first_use_whatever_was_imported_before():
+    """`tinygpt.kernels.attention` is the op, also after its module was imported by name."""
+    assert fresh_python("""
+from tinygpt.kernels import flash_attention, layernorm
+from tinygpt import kernels
+print(kernels.attention is flash_attention.attention, kernels.layer_norm is layernorm.layer_norm,
+      kernels.TRITON_IMPORT_ERROR)
+""") == "True True None"
+
+
+def test_without_triton_the_package_imports_and_the_ops_say_why():
+    said = fresh_python("""
+import sys
+sys.modules["triton"] = None  # what `import triton` meets where Triton is not installed
+from tinygpt import kernels, ops
+print(kernels.TRITON_IMPORT_ERROR)
+try:
+    kernels.layer_norm(None, None, None, 1e-5)
+except ImportError as e:
+    print(e)
+try:
+    ops.resolve_backend("triton", "cpu")
+except Exception as e:
+    print(e)
+""").splitlines()
+    assert said[0] == "ModuleNotFoundError: import of triton halted; None in sys.modules"
+    assert said[1] == f"the Triton kernels are unavailable ({said[0]})"
+    assert said[2] == f"backend 'triton' is not usable here: {said[0]}"

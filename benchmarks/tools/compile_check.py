@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib
 import itertools
 import multiprocessing
 import os
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import torch
 import triton
+from tinygpt.kernels import flash_attention as attention
+from tinygpt.kernels import gpu, layernorm
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -39,10 +40,6 @@ TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 ARCHS = (80, 86, 89, 90, 120)  # A100; RTX 30xx, A10; L4, RTX 40xx; H100, H200; RTX 50xx
 # Head dims: each padded width the kernels compute with (16 to 256), and two padded ones.
 HEAD_DIMS = (16, 24, 32, 64, 96, 128, 256)
-
-attention = importlib.import_module("tinygpt.kernels.attention")
-layernorm = importlib.import_module("tinygpt.kernels.layernorm")
-gpu = importlib.import_module("tinygpt.kernels.gpu")
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:

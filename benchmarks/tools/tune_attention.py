@@ -2,7 +2,7 @@
 
     python -m benchmarks.tools.tune_attention [--out DIR]      # CUDA only
 
-The defaults in kernels/attention.py (`SETTINGS`) were chosen as the largest tiles that
+The defaults in kernels/flash_attention.py (`SETTINGS`) were chosen as the largest tiles that
 compile without register spills (benchmarks/tools/compile_check.py), untimed. This script times each
 candidate below in bf16, forward and forward+backward, with dropout off and at the training
 dropout 0.2, at the model's shape and at two long-sequence shapes, and marks the fastest per
@@ -17,10 +17,10 @@ the back-to-back time (what training sees); the L2-flushed time stands beside it
 from __future__ import annotations
 
 import argparse
-import importlib
 
 import torch
-from tinygpt.kernels import attention, attention_dropout_mask
+from tinygpt.kernels import attention, attention_dropout_mask, gpu
+from tinygpt.kernels import flash_attention as module
 from tinygpt.kernels.reference import attention_reference
 
 from benchmarks.report import (
@@ -36,8 +36,6 @@ from benchmarks.report import (
     write_report,
 )
 
-module = importlib.import_module("tinygpt.kernels.attention")
-gpu = importlib.import_module("tinygpt.kernels.gpu")
 DEVICE = "cuda"
 CHECK_T = 999  # the correctness check's length: not a multiple of any block
 TRAINING_DROPOUT = 0.2

@@ -3,7 +3,6 @@ their reason, compiled competitors compiled once per shape, tuning that rejects 
 and `tinygpt bench` gathering one report. Speed itself is never asserted here."""
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -135,7 +134,7 @@ def test_compiled_baseline_compiles_once_per_shape(monkeypatch, instant_timing):
 def test_tuning_rejects_settings_that_compute_wrongly(monkeypatch):
     kwargs = dict(T=37, dtype=torch.float32, device="cuda" if CUDA else "cpu")
     assert tune_attention.wrong(16, 0.2, **kwargs) is None
-    attention = importlib.import_module("tinygpt.kernels.attention").attention
+    from tinygpt.kernels.flash_attention import attention
     monkeypatch.setattr(tune_attention, "attention",
                         lambda *a, **k: attention(*a, **k) * 1.01)  # a config 1% off
     assert tune_attention.wrong(16, 0.2, **kwargs).startswith("out off by")

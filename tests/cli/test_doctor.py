@@ -1,18 +1,16 @@
 """`tinygpt doctor`: the report, its exit status, and its JSON."""
 
-import importlib
 import json
 import os
 import sys
 
 import pytest
 import torch
+from tinygpt.kernels import flash_attention as attention_module
 
 from tinygpt import doctor, verify
 from tinygpt.cli import main
 from tinygpt.config import from_preset
-
-attention_module = importlib.import_module("tinygpt.kernels.attention")
 
 SMALL = ["--preset", "cpu-baby", "--n-layer", "1", "--block-size", "32", "--batch-size", "1"]
 OPS = ["attention_qkv (causal)", "attention_qkv (causal, dropout 0.2)", "attention (decoding",

@@ -12,16 +12,13 @@ the yardstick is the CPU's SDPA, not the GPU's. Tensor-core numerics remain CUDA
 fp32 dots that ask for tf32 get operands cut to tf32 there, so fp32's "ieee" is checked here too.
 """
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from tinygpt.kernels import attention, attention_dropout_mask, attention_qkv
+from tinygpt.kernels import flash_attention as attention_module
 from tinygpt.kernels.reference import attention_reference
-
-attention_module = importlib.import_module("tinygpt.kernels.attention")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -304,7 +301,7 @@ def test_peak_memory_is_linear_in_sequence_length():
 
 def philox_keep_mask(B: int, H: int, T: int, S: int, dropout_p: float, seed: int,
                      rounds: int, threshold: int | None = None) -> torch.Tensor:
-    """The keep-mask (bool, (B, H, T, S)) that kernels/attention.py documents, from numpy's
+    """The keep-mask (bool, (B, H, T, S)) that kernels/flash_attention.py documents, from numpy's
     Philox4x32 with `rounds` rounds: query 16c + 8z + d and key 16a + 8x + 2b + y keep their
     weight when the 16-bit half y of word 2x + z of the draw for counter (8c + d, 4a + b, bh, 0)
     under key (seed's low, high 32 bits) reaches `threshold`, by default round(p * 2**16)."""

@@ -6,7 +6,6 @@ table comes from the cubin (benchmarks/tools/compile_check.py). The interpreter,
 of the suite uses on the CPU, must be off in the child process.
 """
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -14,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+from tinygpt.kernels import flash_attention as attention
 from tinygpt.kernels.gpu import MIN_CAPABILITY, SHARED_MEMORY, Target
 
 from benchmarks.tools import compile_check
-
-attention = importlib.import_module("tinygpt.kernels.attention")
 
 ROOT = Path(__file__).resolve().parents[2]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"

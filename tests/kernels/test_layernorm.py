@@ -288,9 +288,7 @@ def test_every_kernel_launch_is_inside_its_tensors_device(monkeypatch):
     on another GPU reads and writes cuda:1's memory from cuda:0. Without a GPU, `on_device` is
     recorded here, and every kernel of both modules (LayerNorm's and attention's) must launch
     inside it for its first tensor's device."""
-    import importlib
-
-    from tinygpt.kernels import attention_dropout_mask, attention_qkv
+    from tinygpt.kernels import attention_dropout_mask, attention_qkv, flash_attention
 
     current, launches = [], []
 
@@ -312,8 +310,7 @@ def test_every_kernel_launch_is_inside_its_tensors_device(monkeypatch):
         return type("Launch", (), {"__getitem__": staticmethod(at)})()
 
     kernels = set()
-    for module in ("attention", "layernorm"):
-        module = importlib.import_module(f"tinygpt.kernels.{module}")
+    for module in (flash_attention, layernorm):
         monkeypatch.setattr(module, "on_device", recorded_device)
         for name, kernel in list(vars(module).items()):
             if name.endswith("_kernel"):

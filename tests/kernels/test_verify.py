@@ -5,16 +5,14 @@ dots, in bf16 under the autocast dtypes; and it must fail, naming the op and the
 made wrong on purpose in its output, one gradient, or the dropout mask its backward regenerates.
 """
 
-import importlib
 
 import pytest
 import torch
+from tinygpt.kernels import flash_attention as attention_module
+from tinygpt.kernels import layernorm as layernorm_module
 
 from tinygpt import optim, verify
 from tinygpt.config import ModelConfig, TrainConfig
-
-attention_module = importlib.import_module("tinygpt.kernels.attention")
-layernorm_module = importlib.import_module("tinygpt.kernels.layernorm")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 OPS = ["attention_qkv (causal)", "attention_qkv (causal, dropout 0.2)",

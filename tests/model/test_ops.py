@@ -1,6 +1,5 @@
 """The two pure-PyTorch backends agree, forward and backward, and dispatch picks the right one."""
 
-import importlib
 import re
 
 import pytest
@@ -109,7 +108,7 @@ def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
 def test_gpus_before_ampere_use_the_torch_backend(monkeypatch):
     """A Turing GPU (sm_75) has too little shared memory for the kernels' tiles and only
     emulates bf16: `auto` picks torch and says why, `triton` is refused, autocast is fp16."""
-    gpu = importlib.import_module("tinygpt.kernels.gpu")
+    from tinygpt.kernels import gpu
     monkeypatch.delenv("TINYGPT_BACKEND", raising=False)
     monkeypatch.setattr(gpu, "_cuda_target", lambda index: gpu.Target(75, 65536))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")

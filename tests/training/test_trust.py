@@ -6,13 +6,13 @@ the choice, not the clock.
 """
 
 import dataclasses
-import importlib
 import json
 import shutil
 
 import pytest
 import torch
 import triton
+from tinygpt.kernels import flash_attention as attention_module
 
 from tinygpt import ops, trust, verify
 from tinygpt.checkpoint import load_checkpoint
@@ -20,8 +20,6 @@ from tinygpt.cli import main
 from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.errors import UserError
 from tinygpt.train import train
-
-attention_module = importlib.import_module("tinygpt.kernels.attention")
 
 CPU = torch.device("cpu")
 CFG = ModelConfig(vocab_size=11, block_size=37, n_layer=1, n_head=2, n_embd=48, dropout=0.0)
@@ -107,7 +105,7 @@ def test_a_changed_kernel_source_triton_version_or_shape_misses_the_cache(
     settle()
     settle()
     assert len(calls) == 1
-    with open(sources / "attention.py", "a") as f:
+    with open(sources / "flash_attention.py", "a") as f:
         f.write("# a changed kernel\n")
     settle()
     assert len(calls) == 2
