@@ -151,8 +151,17 @@ def pytest_collection_modifyitems(config, items):
         if "corpus_path" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.corpus)
     seed = config.getoption("--shuffle")
-    if seed is not None:
-        random.Random(seed).shuffle(items)
+    if seed is not None:  # modules in a shuffled order, each one's tests shuffled among them:
+        # interleaving modules would set their module-scoped fixtures up again at every switch
+        rng = random.Random(seed)
+        modules: dict[Path, list] = {}
+        for item in items:
+            modules.setdefault(item.path, []).append(item)
+        order = list(modules.values())
+        rng.shuffle(order)
+        for tests in order:
+            rng.shuffle(tests)
+        items[:] = [item for tests in order for item in tests]
     # The longest first, so that pytest-xdist's workers end together, not one of them on a
     # minute-long test while the other waits (a stable sort: the order within each part stays).
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
