@@ -7,8 +7,9 @@ learning rates over seeds.
         --muon 0.01 0.02 0.04 --seeds 1 2 3 --jobs 2
 
 A single run writes OUT/<preset>-train[-<tag>]-<device>-<date>.md: every evaluation (step, wall
-seconds, train and val loss), the best val loss, and the wall time at which the val loss first
-reached the target. Extra config overrides go in `--set FIELD VALUE`.
+seconds, train and val loss), the best val loss, the best checkpoint scored on the whole val
+split (`tinygpt eval`: loss and bits per character), and the wall time at which the val loss
+first reached the target. Extra config overrides go in `--set FIELD VALUE`.
 
 A sweep trains each configuration (AdamW at each `--adamw` rate; Muon at each `--muon` rate, with
 each of `--ns-steps` Newton-Schulz iterations, and AdamW at `--lr` for the other parameters; each
@@ -35,6 +36,7 @@ import multiprocessing
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -51,6 +53,8 @@ from benchmarks.report import (
     write_report,
 )
 from tinygpt.config import from_preset
+from tinygpt.devices import pick_device
+from tinygpt.evaluate import score_checkpoint
 from tinygpt.train import train
 
 PARITY_LR = 1e-3  # nanoGPT's AdamW rate: the sweep's default target is this config's final loss
@@ -160,6 +164,7 @@ def single_run(args: argparse.Namespace, overrides: dict) -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         summary = train(args.preset, {**overrides, "out_dir": out_dir}, data=args.data,
                         log_interval=100)
+        scored = score_checkpoint(Path(out_dir) / "best.pt", "val", pick_device("auto"))
     reached = next((h for h in summary["history"] if h["val"] <= target), None)
     rows = [[h["iter"], f"{h['seconds']:.1f}", f"{h['train']:.4f}", f"{h['val']:.4f}"]
             for h in summary["history"]]
@@ -167,6 +172,7 @@ def single_run(args: argparse.Namespace, overrides: dict) -> None:
         f"- steps: {summary['steps']}, wall time: {summary['seconds']:.1f} s "
         f"(evaluations included), {summary['tokens_per_second']:,.0f} tokens/s\n"
         f"- best val loss: {summary['best_val_loss']:.4f}\n"
+        f"- best.pt on the whole val split (`tinygpt eval`): {scored.line}\n"
         f"- val loss <= {target}: "
         + (f"first at step {reached['iter']}, {reached['seconds']:.1f} s" if reached
            else "not reached")

@@ -12,12 +12,15 @@ A child process that outlives its timeout fails its test with the Python stacks 
 it started (`ChildProcess`), not with a bare TimeoutExpired.
 """
 
+import atexit
 import contextlib
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -98,6 +101,10 @@ if interpreted():
     _device_calls_patch_once()
 # Every Python process the tests start prints each thread's stack when it is sent SIGABRT.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+# Prepared corpora and kernel verdicts go to a cache of the tests' own, never the user's; every
+# process the tests start inherits it.
+os.environ["TINYGPT_CACHE"] = tempfile.mkdtemp(prefix="tinygpt-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["TINYGPT_CACHE"], ignore_errors=True)
 
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

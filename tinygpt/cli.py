@@ -23,6 +23,7 @@ from .config import (
     from_preset,
     params_words,
     refuse_unused,
+    split_ends,
 )
 from .errors import Stopped, UserError, first_line
 from .launch import JOIN_TIMEOUT_S, Context, from_environment
@@ -211,6 +212,24 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         help="attention/LayerNorm implementation (default: auto)")
     sample.add_argument("--threads", type=_threads, metavar="N", help=threads_help)
 
+    evaluate = sub.add_parser(
+        "eval", help="score a checkpoint on a whole split: loss and bits per character",
+        description="Every token of the split scored once, in windows of block_size sliding by "
+                    "half a block (at least half a block of context), deterministically.")
+    evaluate.add_argument("--ckpt", metavar="PATH", help="checkpoint (default: OUT_DIR/best.pt)")
+    evaluate.add_argument("--out-dir", default="out",
+                          help="where `train` wrote its checkpoints (default: out)")
+    evaluate.add_argument("--data", metavar="FILE",
+                          help="the text to score (default: the one the checkpoint names)")
+    evaluate.add_argument("--split", default="val", choices=("train", "val", "test"),
+                          help="which part of the text (default: val; test needs a --split with "
+                               "three parts at training)")
+    evaluate.add_argument("--batch-size", type=int, default=16, metavar="N",
+                          help="windows scored at once (default: 16)")
+    evaluate.add_argument("--device", default="auto",
+                          help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu "
+                               "(default: auto)")
+
     doctor = sub.add_parser(
         "doctor", help="check the fused kernels on this machine and time them against torch",
         description="Report this machine (device, driver, torch, Triton), check every fused "
@@ -300,6 +319,8 @@ def _train_options(args: argparse.Namespace) -> dict:
         raise UserError("--new-data cannot be used here: it goes with --resume --data FILE")
     for cls in (ModelConfig, TrainConfig):  # answered before torch is imported
         check_values(cls, overrides)
+    if "split" in overrides:
+        split_ends(overrides["split"], None)
     refuse_unused(overrides.get("model"), overrides.get("optimizer"), overrides)
     if args.preset is not None:
         from_preset(args.preset, **overrides)
@@ -398,6 +419,19 @@ def cmd_torchrun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    from .devices import pick_device
+    from .evaluate import score_checkpoint
+
+    path = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "best.pt"
+    scored = score_checkpoint(path, args.split, pick_device(args.device), args.data,
+                              args.batch_size, _note)
+    print(scored.line)
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     cfg = SampleConfig(**{f.name: getattr(args, f.name) for f in fields_of(SampleConfig)})
     cfg.validate()  # answered before torch is imported
@@ -408,7 +442,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from . import memory, ops, trust
     from .checkpoint import load_checkpoint
-    from .data import Tokenizer
+    from .data import ByteTokenizer, tokenizer_for
     from .devices import pick_device
     from .generate import generate
     from .model import attention_shape, build_model
@@ -417,7 +451,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     path = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "best.pt"
     ckpt = load_checkpoint(path)
     device = pick_device(args.device)
-    tokenizer = Tokenizer(ckpt["vocab"])
+    tokenizer = tokenizer_for(TrainConfig(**ckpt["train_config"]).tokenizer, ckpt["vocab"])
     model_cfg = ModelConfig(**ckpt["model_config"])
     prompt = tokenizer.encode(args.prompt)
     resolved = ops.resolve_backend(args.backend, device, attention_shape(model_cfg, 1))
@@ -439,7 +473,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
           + (f" | cache {cfg.cache}" if model_cfg.model == "gpt" else ""))
 
     def stream(token: torch.Tensor) -> None:
-        sys.stdout.write(tokenizer.decode(token[0].tolist()))
+        sys.stdout.write(decode(token[0].tolist()))
         sys.stdout.flush()
         if tuner is not None:
             tuner.tick()
@@ -456,15 +490,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if i:
                 print("-" * 40)
             sys.stdout.write(args.prompt)
+            decode = tokenizer.streaming()
             generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                      generator, cache=cfg.cache, on_token=stream)
+            sys.stdout.write(decode([], final=True))  # a character the last bytes left cut
             if tuner is not None:
                 tuner.end()
             print(flush=True)
     seconds = time.perf_counter() - started
-    chars = cfg.num_samples * cfg.max_new_tokens
+    tokens = cfg.num_samples * cfg.max_new_tokens
+    unit = "bytes" if isinstance(tokenizer, ByteTokenizer) else "chars"
     threads = tuner.current if tuner else torch.get_num_threads()
-    _note(f"sampled {chars:,} characters in {seconds:.1f} s ({chars / seconds:,.0f} chars/s"
+    _note(f"sampled {tokens:,} {'characters' if unit == 'chars' else unit} in {seconds:.1f} s "
+          f"({tokens / seconds:,.0f} {unit}/s"
           + (f", {plural(threads)})" if device.type == "cpu" else ")"))
     return 0
 
@@ -509,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_preset_in(argv)).parse_args(argv)
     try:
-        commands = {"train": cmd_train, "sample": cmd_sample, "doctor": cmd_doctor,
+        commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
+                    "doctor": cmd_doctor,
                     "bench": cmd_bench, "torchrun": cmd_torchrun}
         return commands[args.command](args)
     except UserError as e:

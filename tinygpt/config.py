@@ -152,6 +152,12 @@ class TrainConfig:
                          at_most=MAX_EVAL_ITERS)
     seed: int = _f(1337, "random seed for weights, batches and dropout", at_least=0,
                    below=SEED_LIMIT)
+    tokenizer: str = _f("chars", "chars: a token per character of UTF-8 text; bytes: a token "
+                                 "per byte of any file, as the enwik8 literature counts",
+                        choices=("chars", "bytes"))
+    split: str = _f("0.9,0.1", "train,val[,test] parts of the corpus, in its order: fractions "
+                               "that sum to 1, or token counts with K, M or G (90M,5M,5M splits "
+                               "enwik8 and text8 as their literature does)", nonempty=True)
     device: str = _f("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu",
                      nonempty=True)
     backend: str = _f(
@@ -163,6 +169,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_values(type(self), vars(self))
+        split_ends(self.split, None)
         if self.min_lr > self.lr:
             raise UserError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         rates = [("lr", self.lr)] + ([("muon_lr", self.muon_lr)] if self.optimizer == "muon"
@@ -172,6 +179,47 @@ class TrainConfig:
                 raise UserError(f"weight_decay ({self.weight_decay:g}) times {name} ({lr:g}) must "
                                 "be below 1: each step multiplies the weights by 1 - "
                                 f"{name} x weight_decay")
+
+
+SPLIT_UNITS = {"K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def split_ends(spec: str, tokens: int | None) -> tuple[int, int, int]:
+    """Where the train, val and test parts of a corpus of `tokens` end (test empty when `spec`
+    names two parts); with `tokens` None, only `spec` is checked. Fractions leave the rest of
+    the corpus to the last part, so "0.9,0.1" splits as int(0.9 * tokens)."""
+    parts = spec.split(",")
+    counts = [p.strip().upper() for p in parts]
+    bad = UserError(f"--split {spec}: give train,val or train,val,test as fractions that sum to "
+                    "1 (0.9,0.1) or as token counts (90M,5M,5M)")
+    if len(parts) not in (2, 3):
+        raise bad
+    try:
+        if all(c[-1:] in SPLIT_UNITS or c.isdigit() for c in counts):
+            sizes = [int(c[:-1]) * SPLIT_UNITS[c[-1]] if c[-1] in SPLIT_UNITS else int(c)
+                     for c in counts]
+            fractions = None
+        else:
+            fractions = [float(c) for c in counts]
+    except ValueError:
+        raise bad from None
+    if fractions is not None:
+        if not all(0 <= f <= 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
+            raise bad
+        if fractions[0] == 0 or fractions[1] == 0:
+            raise UserError(f"--split {spec}: the train and val parts must not be empty")
+        if tokens is None:
+            return 0, 0, 0
+        train = int(fractions[0] * tokens)
+        val = tokens if len(parts) == 2 else int((fractions[0] + fractions[1]) * tokens)
+        return train, val, tokens
+    if sizes[0] == 0 or sizes[1] == 0:
+        raise UserError(f"--split {spec}: the train and val parts must not be empty")
+    if tokens is not None and sum(sizes) > tokens:
+        raise UserError(f"--split {spec} takes {sum(sizes):,} tokens but the corpus has "
+                        f"{tokens:,}")
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    return ends[0], ends[1], ends[-1]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Corpus loading, the character tokenizer, and random training batches."""
+"""The cache directory and the default corpus, the character tokenizer, and random training
+batches (`corpus` prepares a corpus for them)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import split_ends
+from .corpus import read_windows
 from .errors import UserError
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TRAIN_FRACTION = 0.9
 
 
 def cache_dir() -> Path:
@@ -89,46 +91,12 @@ def default_corpus() -> Path:
     return path
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """The whole file as text, less a byte-order mark, or a UserError saying why it cannot be a
-    corpus."""
-    return read_corpus(path)[0]
-
-
-def read_corpus(path: str | os.PathLike) -> tuple[str, str]:
-    """`read_text`, and the sha256 of the file's bytes, from one read."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"data path is not a file: {path}") from None
-    except OSError as e:
-        raise UserError(f"cannot read data file {path} ({e.strerror or e})") from e
-    digest = hashlib.sha256(raw).hexdigest()
-    raw = raw.removeprefix(codecs.BOM_UTF8)  # some editors start UTF-8 files with one
-    if not raw:
-        raise UserError(f"data file is empty: {path}")
-    if b"\x00" in raw:
-        raise UserError(f"data file looks binary (it contains NUL bytes): {path}")
-    try:
-        return raw.decode("utf-8"), digest
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"data file is not UTF-8 text (bad byte at offset {e.start}): {path}") from e
-
-
 class Tokenizer:
     """Maps each distinct character of the corpus to an integer id (sorted by code point)."""
 
     def __init__(self, chars: str):
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
-
-    @classmethod
-    def from_text(cls, text: str) -> Tokenizer:
-        return cls("".join(sorted(set(text))))
 
     @property
     def vocab_size(self) -> int:
@@ -141,23 +109,42 @@ class Tokenizer:
             raise UserError(f"characters not in the vocabulary: {shown}")
         return [self.stoi[c] for c in text]
 
-    def encode_array(self, text: str) -> np.ndarray:
-        """`encode` for a whole corpus: int64 ids via numpy, 4 bytes per character on the way
-        rather than a Python int each (unknown characters are an error here too)."""
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one per character
-        table = np.array([ord(c) for c in self.chars], dtype=np.uint32)  # sorted code points
-        ids = np.searchsorted(table, codes)
-        ids_in_range = np.minimum(ids, len(table) - 1)
-        if not np.array_equal(table[ids_in_range], codes):
-            self.encode("".join(sorted(set(text))))  # raises, naming the unknown characters
-        return ids.astype(np.int64)
-
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def streaming(self):
+        """decode, for ids that arrive a few at a time (`final` with the last of them)."""
+        return lambda ids, final=False: self.decode(ids)
+
+
+class ByteTokenizer:
+    """One token per byte. `chars` names byte i by chr(i), as checkpoints store a vocabulary;
+    decoded text is UTF-8, bytes that are not shown as U+FFFD."""
+
+    chars = "".join(map(chr, range(256)))
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def streaming(self):
+        """decode, for ids that arrive a few at a time (`final` with the last of them): a
+        character cut between two calls is held until its last byte."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda ids, final=False: decoder.decode(bytes(ids), final)
+
+
+def tokenizer_for(kind: str, vocab: str) -> Tokenizer | ByteTokenizer:
+    """The tokenizer a checkpoint's `kind` ("chars" or "bytes") and `vocab` describe."""
+    return ByteTokenizer() if kind == "bytes" else Tokenizer(vocab)
+
 
 class Batches:
-    """Random (input, target) windows from a 90/10 train/val split, drawn on `device`.
+    """Random (input, target) windows from the train and val parts of `ids` that `split` names
+    (a prepared corpus: only the windows drawn are read), copied to `device` a batch at a time.
 
     Training micro-batch m of every step comes from its own random stream m (`streams` lists the
     ones this process draws); evaluation has a stream of its own. Streams are seeded from `seed`,
@@ -167,15 +154,14 @@ class Batches:
 
     EVAL_STREAM = -1
 
-    def __init__(self, text: str, tokenizer: Tokenizer, block_size: int, batch_size: int,
-                 device: torch.device, seed: int, streams=range(1)):
-        data = torch.from_numpy(tokenizer.encode_array(text))  # (N,) int64
-        n_train = int(TRAIN_FRACTION * len(data))
-        self.splits = {"train": data[:n_train].to(device), "val": data[n_train:].to(device)}
-        for name, split in self.splits.items():
-            if len(split) < block_size + 1:
+    def __init__(self, ids: np.ndarray, block_size: int, batch_size: int, device: torch.device,
+                 seed: int, streams=range(1), split: str = "0.9,0.1"):
+        train, val, _ = split_ends(split, len(ids))
+        self.ids, self.bounds = ids, {"train": (0, train), "val": (train, val)}
+        for name, (lo, hi) in self.bounds.items():
+            if hi - lo < block_size + 1:
                 raise UserError(
-                    f"text too short: {len(data)} characters leave {len(split)} for the {name} "
+                    f"text too short: {len(ids)} tokens leave {hi - lo} for the {name} "
                     f"split, which needs at least block_size + 1 = {block_size + 1}; "
                     f"use more text or a smaller --block-size"
                 )
@@ -184,15 +170,19 @@ class Batches:
             s: torch.Generator().manual_seed((seed * 1_000_003 + s + 1) % 2**64)
             for s in [*streams, self.EVAL_STREAM]
         }
-        self.offsets = torch.arange(block_size + 1, device=device)  # (T+1,)
+        self.pinned = device.type == "cuda"
 
     def get(self, split: str, stream: int = EVAL_STREAM) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of `split` from training stream `stream` (the evaluation stream if omitted)."""
-        data = self.splits[split]
-        starts = torch.randint(len(data) - self.block_size, (self.batch_size,),
+        lo, hi = self.bounds[split]
+        starts = torch.randint(hi - lo - self.block_size, (self.batch_size,),
                                generator=self.generators[stream])  # (B,)
-        windows = data[starts.to(self.device)[:, None] + self.offsets]  # (B, T+1)
-        return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+        rows = read_windows(self.ids, lo + starts.numpy(), self.block_size + 1)  # (B, T+1)
+        batch = torch.from_numpy(rows.astype(np.int64))
+        if self.pinned:  # a non-blocking copy needs page-locked memory
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True)
+        return batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
 
     def state(self) -> dict[int, torch.Tensor]:
         return {s: g.get_state() for s, g in self.generators.items()}

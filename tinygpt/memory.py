@@ -22,12 +22,12 @@ SAVED_PER_TOKEN_LAYER = 12
 GIB = 2**30
 
 
-def training_bytes(cfg: ModelConfig, batch_size: int, corpus_chars: int, autocast: bool,
+def training_bytes(cfg: ModelConfig, batch_size: int, autocast: bool,
                    optimizer: str = "adamw") -> int:
     """At least this many bytes train `cfg` on batches of `batch_size` with `optimizer`:
     parameters with their gradients and optimizer state, the activations one micro-batch keeps
-    for backward (2 bytes a value under autocast, else 4), its fp32 logits, and the corpus on the
-    device (int64)."""
+    for backward (2 bytes a value under autocast, else 4) and its fp32 logits. The corpus is
+    read from a memory map a batch at a time: it takes no memory of the device's own."""
     tokens = batch_size * cfg.block_size
     value = 2 if autocast else 4
     activations = 0
@@ -37,7 +37,7 @@ def training_bytes(cfg: ModelConfig, batch_size: int, corpus_chars: int, autocas
     # Muon keeps one fp32 momentum, not two moments, for the blocks' four matrices (12 C^2)
     muon = 12 * cfg.n_layer * cfg.n_embd**2 if optimizer == "muon" and cfg.model == "gpt" else 0
     state = cfg.num_params() * BYTES_PER_PARAM - muon * 4
-    return state + activations + logits + corpus_chars * 8
+    return state + activations + logits
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -73,10 +73,10 @@ def advice(cfg: ModelConfig, batch_size: int) -> str:
     return shrink
 
 
-def check_fits(device: torch.device, cfg: ModelConfig, batch_size: int, corpus_chars: int,
-               autocast: bool, optimizer: str) -> None:
+def check_fits(device: torch.device, cfg: ModelConfig, batch_size: int, autocast: bool,
+               optimizer: str) -> None:
     """Refuse, before anything is allocated, a run that cannot fit in what `device` has free."""
-    need = training_bytes(cfg, batch_size, corpus_chars, autocast, optimizer)
+    need = training_bytes(cfg, batch_size, autocast, optimizer)
     free = free_bytes(device)
     if free is not None and need > free:
         raise UserError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -15,7 +16,16 @@ import torch
 from . import streams
 from .checkpoint import check_training_state, load_checkpoint
 from .config import ModelConfig, TrainConfig, refuse_unused
-from .data import SHAKESPEARE_SHA256, Batches, Tokenizer, default_corpus, read_corpus
+from .corpus import Corpus, load
+from .data import (
+    SHAKESPEARE_SHA256,
+    Batches,
+    ByteTokenizer,
+    Tokenizer,
+    cache_dir,
+    default_corpus,
+    tokenizer_for,
+)
 from .errors import UserError
 from .launch import Context
 from .optim import Optimizers
@@ -28,9 +38,9 @@ class Start:
 
     model_cfg: ModelConfig
     cfg: TrainConfig
-    text: str
-    data: dict  # the text's record: {path, sha256}
-    tokenizer: Tokenizer
+    corpus: Corpus
+    data: dict  # the corpus's record: {path, sha256}
+    tokenizer: Tokenizer | ByteTokenizer
     preset: str | None  # None when resumed
     ckpt: dict | None  # the checkpoint a resumed run goes on from
     ckpt_path: Path | None
@@ -52,8 +62,19 @@ def settle(preset: str, configs: tuple[ModelConfig, TrainConfig] | None, overrid
     elif ctx.is_main and (replacing := existing_checkpoints(out_dir)) and not overwrite:
         raise UserError(f"{out_dir}/ already holds a run ({', '.join(replacing)}); continue "
                         "it with --resume, or pass --overwrite or another --out-dir")
-    text, record = _load_corpus(data, ckpt, ckpt_path, new_data)
-    tokenizer = Tokenizer.from_text(text)
+    # Every rank reads the same prepared file (one prepares it while the others wait); only
+    # rank 0 says how preparation goes.
+    kind = (configs[1] if ckpt is None else TrainConfig(**ckpt["train_config"])).tokenizer
+    if ckpt is not None:
+        kept = TrainConfig(**ckpt["train_config"])
+        for name, why in (("tokenizer", "the tokens its model was trained on"),
+                          ("split", "the text it holds out for validation")):
+            if overrides.get(name) not in (None, getattr(kept, name)):
+                raise UserError(f"--{name} {overrides[name]} differs from the checkpoint's "
+                                f"{getattr(kept, name)}; a resumed run keeps {why}")
+    corpus = _load_corpus(data, ckpt, ckpt_path, new_data, kind,
+                          say=_say if ctx.is_main else lambda line: None)
+    record, tokenizer = corpus.record, tokenizer_for(kind, corpus.vocab)
     if ckpt is not None:
         if ckpt["vocab"] != tokenizer.chars:
             raise UserError(
@@ -69,7 +90,7 @@ def settle(preset: str, configs: tuple[ModelConfig, TrainConfig] | None, overrid
     if cfg.grad_accum % ctx.world_size:
         raise UserError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of "
                         f"processes ({ctx.world_size}), which share its micro-batches out")
-    return Start(model_cfg, cfg, text, record, tokenizer, preset if ckpt is None else None,
+    return Start(model_cfg, cfg, corpus, record, tokenizer, preset if ckpt is None else None,
                  ckpt, ckpt_path, replacing if overwrite else [])
 
 
@@ -88,9 +109,13 @@ def restore(start: Start, model: torch.nn.Module, optimizer: Optimizers, batches
     return ckpt["iteration"], float(ckpt["best_val_loss"]), ckpt["evaluated"]
 
 
+def _say(line: str) -> None:
+    print(f"tinygpt: {line}", file=sys.stderr, flush=True)
+
+
 def _load_corpus(data: str | None, ckpt: dict | None, ckpt_path: Path | None,
-                 new_data: bool) -> tuple[str, dict]:
-    """The text to train on and its record for checkpoints ({path, sha256}): --data FILE, else
+                 new_data: bool, tokenizer: str, say) -> Corpus:
+    """The corpus to train on, prepared (its record goes into checkpoints): --data FILE, else
     the file a resumed run's checkpoint names, else tiny Shakespeare. A resumed run refuses a text
     other than its own unless `new_data`."""
     recorded = ckpt.get("data") if ckpt is not None else None
@@ -103,13 +128,12 @@ def _load_corpus(data: str | None, ckpt: dict | None, ckpt_path: Path | None,
                         "more; pass that text with --data FILE")
     else:  # a new run without --data, or one on tiny Shakespeare (downloaded again if need be)
         path = default_corpus()
-    text, sha256 = read_corpus(path)
-    record = {"path": str(path.resolve()), "sha256": sha256}
-    if recorded is not None and record["sha256"] != recorded["sha256"] and not new_data:
+    corpus = load(path, tokenizer, cache_dir() / "corpora", say)
+    if recorded is not None and corpus.sha256 != recorded["sha256"] and not new_data:
         raise UserError(f"{path} is not the text {ckpt_path} was trained on ({recorded['path']}, "
                         f"sha256 {recorded['sha256'][:12]}...); resume on that text, or pass "
                         "--new-data to go on with this one")
-    return text, record
+    return corpus
 
 
 def _resume_configs(ckpt: dict, overrides: dict) -> tuple[ModelConfig, TrainConfig]:

@@ -21,6 +21,7 @@ from .config import TrainConfig, from_preset
 from .data import Batches
 from .devices import pick_device
 from .errors import Stopped, UserError
+from .evaluate import bits
 from .model import build_model
 from .optim import lower_rates, make_optimizer
 from .progress import Progress, start_line
@@ -98,15 +99,15 @@ class _Run:
         self.tokens_per_iter = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
         self.progress = Progress(cfg.max_iters, self.tokens_per_iter, enabled=ctx.is_main)
         self.amp_dtype, amp_words = ops.precision(device)
-        memory.check_fits(device, model_cfg, cfg.batch_size, len(start.text),
-                          self.amp_dtype is not None, cfg.optimizer)
+        memory.check_fits(device, model_cfg, cfg.batch_size, self.amp_dtype is not None,
+                          cfg.optimizer)
         with self.oom("checking the Triton kernels"):
             self.backend, why = trust.choose(
                 cfg, model_cfg, device, self.amp_dtype,
                 start.ckpt.get("backend") if start.ckpt is not None else None, self.progress.say,
                 stop.check)
         stop.check()
-        self._build(start.text)
+        self._build(start.corpus.ids)
         self.start_iter, self.best_val, self.skip_first_eval = restore(
             start, self.model, self.optimizer, self.batches, ctx)
         self.eval_model = torch.compile(self.model) if cfg.compile else self.model
@@ -121,13 +122,12 @@ class _Run:
                             model_cfg.block_size, device, self.autocast)
         self.step_model = distributed.wrap(self.eval_model, ctx, device)
 
-    def _build(self, text: str) -> None:
+    def _build(self, ids) -> None:
         """The data streams, the model with its stop checks, the optimizer and the loss scaler."""
         cfg, ctx, device = self.cfg, self.ctx, self.device
         self.streams = ctx.streams(cfg.grad_accum)  # the data streams of this rank's micro-batches
-        with self.oom("copying the corpus to it"):
-            self.batches = Batches(text, self.tokenizer, self.model_cfg.block_size,
-                                   cfg.batch_size, device, cfg.seed, self.streams)
+        self.batches = Batches(ids, self.model_cfg.block_size, cfg.batch_size, device, cfg.seed,
+                               self.streams, cfg.split)
         self.stop.check()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         with self.oom("building the model"):
@@ -240,8 +240,10 @@ class _Run:
         improved = losses["val"] < self.best_val
         self.best_val = min(self.best_val, losses["val"])
         payload["best_val_loss"] = self.best_val
-        self.progress.message(f"step {it}: train loss {losses['train']:.4f}, "
-                              f"val loss {losses['val']:.4f}{' (best)' if improved else ''}")
+        unit = "byte" if self.cfg.tokenizer == "bytes" else "char"
+        self.progress.message(
+            f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+            f"({bits(losses['val']):.3f} bits/{unit}){' (best)' if improved else ''}")
         if improved:
             self.saved.save("best.pt", payload)
         self.saved.save("last.pt", payload)

@@ -452,6 +452,23 @@ def test_a_sweep_writes_its_table_and_curves(tmp_path, small_text_file, run_comm
     assert svg.count("<polyline") == 2 and "muon 0.02 (+ adamw 0.001)" in svg
 
 
+@pytest.mark.slow
+def test_a_single_run_scores_its_best_checkpoint_on_the_whole_val_split(
+        tmp_path, small_text_file, run_command):
+    tiny = ["--set", "n_layer", "1", "--set", "n_head", "2", "--set", "n_embd", "16",
+            "--set", "block_size", "16", "--set", "batch_size", "4", "--set", "eval_iters", "2",
+            "--set", "max_iters", "4", "--set", "eval_interval", "2"]
+    proc = run_command([sys.executable, "-m", "benchmarks.bench_quality", "--data",
+                        str(small_text_file), "--out", str(tmp_path), *tiny], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (report,) = tmp_path.glob("cpu-baby-train-*.json")
+    notes = json.loads(report.read_text())["notes"]
+    val = 20_000 - int(0.9 * 20_000)
+    assert re.search(r"- best.pt on the whole val split \(`tinygpt eval`\): val: loss \d\.\d{4}, "
+                     rf"\d\.\d{{4}} bits per character \({val - 1:,} characters scored in "
+                     r"windows of 16, ", notes), notes
+
+
 def test_the_optimizer_rows_step_with_the_optimizers_they_name(monkeypatch):
     """bench_train --optimizers: AdamW, tinygpt's Muon in the precision this machine picks and
     in the other, and torch.optim.Muon in its place, each timed, with the optimizer's share

@@ -1,12 +1,16 @@
 """The command line: sampling seeded, and bad data, options, devices, backends, paths and
 prompts refused in one line before anything runs."""
 
+import math
+import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from runs import one_line_error, run_cli, tiny_run
 
+from tinygpt import corpus
 from tinygpt.checkpoint import load_checkpoint
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig
@@ -71,17 +75,16 @@ def test_unknown_prompt_characters(tmp_path, corpus_path, capsys):
 
 def test_unreadable_inputs_are_one_line(tmp_path, capsys, corpus_path, monkeypatch):
     """A data file the user may not read (root reads anything, so the refusal is simulated where
-    the file is read) and a checkpoint that is a directory."""
+    the file is opened) and a checkpoint that is a directory."""
     secret = tmp_path / "secret.txt"
     secret.write_text("x" * 1000)
-    read_bytes = Path.read_bytes
 
-    def denied(path):
-        if path == secret:
+    def denied(path, *args, **kwargs):
+        if Path(path) == secret:
             raise PermissionError(13, "Permission denied", str(path))
-        return read_bytes(path)
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(corpus, "open", denied, raising=False)
     rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(secret),
                          "--device", "cpu", "--out-dir", str(tmp_path / "out"))
     one_line_error(rc, err, f"cannot read data file {secret} (Permission denied)")
@@ -156,3 +159,50 @@ def test_unknown_option_is_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     one_line_error(exit_info.value.code, capsys.readouterr().err, needle)
+
+
+def test_bytes_train_on_any_file_sample_with_replacements_and_resume_as_bytes(tmp_path, capsys):
+    """A file that is not text trains with --tokenizer bytes; its samples show the bytes that are
+    not UTF-8 as U+FFFD, never a traceback; the checkpoint keeps the tokenizer and the split."""
+    data = tmp_path / "any.bin"
+    data.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(20_000)))
+    out = str(tmp_path / "out")
+    train = ["train", "--preset", "cpu-baby", "--data", str(data), "--device", "cpu",
+             "--out-dir", out, "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
+             "--n-layer", "1", "--block-size", "16", "--batch-size", "2"]
+    rc, _, err = run_cli(capsys, *train, "--tokenizer", "bytes")
+    assert rc == 0 and "(20,000 bytes, vocab 256)" in err, err
+    found = re.search(r"step 2: train loss [\d.]+, val loss (\d+\.\d{4}) "
+                      r"\((\d+\.\d{3}) bits/byte\)", err)
+    assert found and float(found[2]) == pytest.approx(float(found[1]) / math.log(2), abs=1e-3), err
+    rc, text, err = run_cli(capsys, "sample", "--out-dir", out, "--prompt", "é",
+                            "--max-new-tokens", "200", "--device", "cpu")
+    assert rc == 0 and text.startswith("é") and "\ufffd" in text and "sampled 200 bytes" in err
+    rc, _, err = run_cli(capsys, "train", "--resume", "--out-dir", out, "--tokenizer", "chars")
+    one_line_error(rc, err, "--tokenizer chars differs from the checkpoint's bytes")
+    rc, _, err = run_cli(capsys, "train", "--resume", "--out-dir", out, "--split", "0.8,0.2")
+    one_line_error(rc, err, "--split 0.8,0.2 differs from the checkpoint's 0.9,0.1; a resumed "
+                   "run keeps the text it holds out for validation")
+    rc, _, err = run_cli(capsys, "train", "--resume", "--out-dir", out, "--max-iters", "3")
+    assert rc == 0 and "resuming" in err and "bytes, vocab 256" in err, err
+
+
+def test_eval_scores_the_whole_split_once_and_says_when_there_is_no_test_part(
+        tmp_path, corpus_path, capsys):
+    tiny_run(tmp_path, corpus_path, max_iters=2, eval_interval=2)
+    step_line = r"step 2: .*, val loss [\d.]+ \(\d+\.\d{3} bits/char\)"
+    assert re.search(step_line, capsys.readouterr().err)
+    out = str(tmp_path / "out")
+    rc, text, _ = run_cli(capsys, "eval", "--out-dir", out, "--device", "cpu",
+                          "--batch-size", "64")
+    n = len(corpus_path.read_text(encoding="utf-8"))
+    val = n - int(0.9 * n)
+    found = re.fullmatch(r"val: loss (\d+\.\d{4}), (\d+\.\d{4}) bits per character "
+                         r"\(([\d,]+) characters scored in windows of 32, [\d.]+ s\)\n", text)
+    assert rc == 0 and found, text
+    assert int(found[3].replace(",", "")) == val - 1
+    assert float(found[2]) == pytest.approx(float(found[1]) / math.log(2), abs=2e-4)
+    rc, _, err = run_cli(capsys, "eval", "--out-dir", out, "--device", "cpu", "--split", "test")
+    one_line_error(rc, err, "the test split of")
+    rc, _, err = run_cli(capsys, "eval", "--out-dir", out, "--batch-size", "0")
+    one_line_error(rc, err, "--batch-size must be at least 1, got 0")

@@ -22,6 +22,11 @@ from tinygpt.threads import usable_cores
 # Each is refused in one line naming the problem, with exit status 2 and nothing written.
 BAD_ARGUMENTS = {
     "lr nan": (["train", "--lr", "nan"], "lr must be a finite number, got nan"),
+    "split summing to 1.1": (["train", "--split", "0.9,0.2"],
+                             "--split 0.9,0.2: give train,val or train,val,test as fractions"),
+    "split of one part": (["train", "--split", "90M"], "--split 90M: give train,val"),
+    "split with no val": (["train", "--split", "1,0"], "the train and val parts must not be empty"),
+    "tokenizer unknown": (["train", "--tokenizer", "words"], "--tokenizer"),
     "lr negative": (["train", "--lr", "-1"], "lr must be positive, got -1.0"),
     "min_lr nan": (["train", "--min-lr", "nan"], "min_lr must be a finite number"),
     "min_lr above lr": (["train", "--preset", "cpu-baby", "--min-lr", "0.01"],

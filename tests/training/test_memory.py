@@ -47,7 +47,7 @@ def test_the_estimate_is_a_lower_bound_that_autocast_lowers(dropout):
     fixed = cfg.num_params() * memory.BYTES_PER_PARAM  # weights, gradients, AdamW's moments
     estimate, kept = {}, {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        estimate[name] = memory.training_bytes(cfg, 3, 0, autocast=dtype is not None) - fixed
+        estimate[name] = memory.training_bytes(cfg, 3, autocast=dtype is not None) - fixed
         kept[name] = saved_for_backward(model, 3, dtype)
         assert kept[name] / 4 <= estimate[name] <= kept[name], (name, estimate[name], kept[name])
     assert estimate["bf16"] < estimate["fp32"] and kept["bf16"] < kept["fp32"]
@@ -66,7 +66,7 @@ def test_muon_needs_less_than_adamw_by_what_its_state_saves():
         optimizers.step()
         state[optimizer] = sum(t.nbytes for part in optimizers.parts.values()
                                for s in part.state.values() for t in s.values() if t.dim())
-    estimate = {o: memory.training_bytes(cfg, 3, 0, autocast=False, optimizer=o)
+    estimate = {o: memory.training_bytes(cfg, 3, autocast=False, optimizer=o)
                 for o in state}
     assert estimate["adamw"] - estimate["muon"] == state["adamw"] - state["muon"] > 0
 
