@@ -442,7 +442,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from . import memory, ops, trust
     from .checkpoint import load_checkpoint
-    from .data import ByteTokenizer, tokenizer_for
+    from .data import tokenizer_for
     from .devices import pick_device
     from .generate import generate
     from .model import attention_shape, build_model
@@ -499,10 +499,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print(flush=True)
     seconds = time.perf_counter() - started
     tokens = cfg.num_samples * cfg.max_new_tokens
-    unit = "bytes" if isinstance(tokenizer, ByteTokenizer) else "chars"
     threads = tuner.current if tuner else torch.get_num_threads()
-    _note(f"sampled {tokens:,} {'characters' if unit == 'chars' else unit} in {seconds:.1f} s "
-          f"({tokens / seconds:,.0f} {unit}/s"
+    named = "characters" if tokenizer.unit == "char" else f"{tokenizer.unit}s"
+    _note(f"sampled {tokens:,} {named} in {seconds:.1f} s "
+          f"({tokens / seconds:,.0f} {tokenizer.unit}s/s"
           + (f", {plural(threads)})" if device.type == "cpu" else ")"))
     return 0
 

@@ -94,6 +94,7 @@ def default_corpus() -> Path:
 class Tokenizer:
     """Maps each distinct character of the corpus to an integer id (sorted by code point)."""
 
+    unit = "char"  # what a token is, as output names it
     def __init__(self, chars: str):
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
@@ -123,6 +124,7 @@ class ByteTokenizer:
 
     chars = "".join(map(chr, range(256)))
     vocab_size = 256
+    unit = "byte"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

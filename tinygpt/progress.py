@@ -120,7 +120,7 @@ def start_line(start: Start, ctx: Context, device, model: LanguageModel, optimiz
         "tinygpt: " + (f"preset {start.preset}" if start.ckpt is None else
                        f"resuming {start.ckpt_path} at iteration {start.ckpt['iteration']}")
         + f" | {model_cfg.model} {params_words(model.num_params())} | data {start.data['path']} "
-        f"({len(start.corpus.ids):,} {'bytes' if cfg.tokenizer == 'bytes' else 'chars'}, vocab "
+        f"({len(start.corpus.ids):,} {start.tokenizer.unit}s, vocab "
         f"{start.tokenizer.vocab_size}) | device {device} "
         f"({amp_words}) | backend {backend}{' + compile' if cfg.compile else ''}"
         + (f" ({why})" if why else "")

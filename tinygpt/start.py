@@ -64,17 +64,16 @@ def settle(preset: str, configs: tuple[ModelConfig, TrainConfig] | None, overrid
                         "it with --resume, or pass --overwrite or another --out-dir")
     # Every rank reads the same prepared file (one prepares it while the others wait); only
     # rank 0 says how preparation goes.
-    kind = (configs[1] if ckpt is None else TrainConfig(**ckpt["train_config"])).tokenizer
+    kept = configs[1] if ckpt is None else TrainConfig(**ckpt["train_config"])
     if ckpt is not None:
-        kept = TrainConfig(**ckpt["train_config"])
         for name, why in (("tokenizer", "the tokens its model was trained on"),
                           ("split", "the text it holds out for validation")):
             if overrides.get(name) not in (None, getattr(kept, name)):
                 raise UserError(f"--{name} {overrides[name]} differs from the checkpoint's "
                                 f"{getattr(kept, name)}; a resumed run keeps {why}")
-    corpus = _load_corpus(data, ckpt, ckpt_path, new_data, kind,
+    corpus = _load_corpus(data, ckpt, ckpt_path, new_data, kept.tokenizer,
                           say=_say if ctx.is_main else lambda line: None)
-    record, tokenizer = corpus.record, tokenizer_for(kind, corpus.vocab)
+    record, tokenizer = corpus.record, tokenizer_for(kept.tokenizer, corpus.vocab)
     if ckpt is not None:
         if ckpt["vocab"] != tokenizer.chars:
             raise UserError(

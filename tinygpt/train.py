@@ -240,10 +240,10 @@ class _Run:
         improved = losses["val"] < self.best_val
         self.best_val = min(self.best_val, losses["val"])
         payload["best_val_loss"] = self.best_val
-        unit = "byte" if self.cfg.tokenizer == "bytes" else "char"
         self.progress.message(
             f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-            f"({bits(losses['val']):.3f} bits/{unit}){' (best)' if improved else ''}")
+            f"({bits(losses['val']):.3f} bits/{self.tokenizer.unit})"
+            f"{' (best)' if improved else ''}")
         if improved:
             self.saved.save("best.pt", payload)
         self.saved.save("last.pt", payload)
