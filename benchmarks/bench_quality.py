@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_train import DEVICE, optimizer_steps, optimizer_steps_as
-from benchmarks.plot import line_plot
 from benchmarks.report import (
     AVX2_ONLY,
     AVX2_ONLY_WORDS,
@@ -55,6 +54,7 @@ from benchmarks.report import (
 from tinygpt.config import from_preset
 from tinygpt.devices import pick_device
 from tinygpt.evaluate import score_checkpoint
+from tinygpt.plot import curves
 from tinygpt.train import train
 
 PARITY_LR = 1e-3  # nanoGPT's AdamW rate: the sweep's default target is this config's final loss
@@ -335,13 +335,14 @@ def run_sweep(args: argparse.Namespace, configs: list[Config], overrides: dict) 
     path = write_report(args.out, name,
                         f"Optimizer sweep: {args.preset} preset", headers, rows, env, notes,
                         data={"ms_per_step": ms, "runs": results})
-    curves = {label: [(h["iter"], statistics.mean(r["history"][i]["val"] for r in runs))
-                      for i, h in enumerate(runs[0]["history"])]
-              for label, runs in results.items()}
-    finals = [c[-1][1] for c in curves.values()]
-    line_plot(path.with_suffix(".svg"), curves,
-              f"{args.preset}: val loss, mean of {len(args.seeds)} seeds",
-              "step", "val loss", (min(finals) - 0.05, max(finals) + 0.6))
+    means = {label: {"val": [(h["iter"], math.nan,
+                              statistics.mean(r["history"][i]["val"] for r in runs))
+                             for i, h in enumerate(runs[0]["history"])]}
+             for label, runs in results.items()}
+    finals = [c["val"][-1][2] for c in means.values()]
+    curves(path.with_suffix(".svg"), means,
+           f"{args.preset}: val loss, mean of {len(args.seeds)} seeds", y_label="val loss",
+           y_range=(min(finals) - 0.05, max(finals) + 0.6))
     print(f"wrote {path.with_suffix('.svg')}")
 
 

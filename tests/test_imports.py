@@ -80,6 +80,18 @@ print([m for m in ("tinygpt.kernels.flash_attention", "tinygpt.kernels.layernorm
     assert loaded == "[]"
 
 
+def test_the_loggers_and_plotting_load_only_when_asked_for():
+    """tensorboard, wandb and matplotlib take seconds to import: a run without --log, and the
+    command line, must not load them."""
+    loaded = fresh_python("""
+import sys
+from tinygpt import cli, loggers, metrics, plot, train
+print([m for m in ("tensorboard", "wandb", "matplotlib", "torch.utils.tensorboard")
+       if m in sys.modules])
+""")
+    assert loaded == "[]"
+
+
 def test_the_fused_ops_load_on_first_use_whatever_was_imported_before():
     """`tinygpt.kernels.attention` is the op, also after its module was imported by name."""
     assert fresh_python("""

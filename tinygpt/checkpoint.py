@@ -9,53 +9,23 @@ random streams it goes into (`check_training_state`), before any of it is loaded
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import math
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
 from .config import ModelConfig, TrainConfig, refuse_unused
 from .errors import UserError, first_line, os_reason
+from .files import write_atomically
 from .model import build_model
 from .optim import Optimizers, expected_state
 
 FORMAT_VERSION = 2  # 2: the optimizer state is a dict of parts ({"adamw": ..., "muon": ...})
 REQUIRED_KEYS = ("format_version", "model_config", "train_config", "model", "iteration", "vocab")
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` through `write(file)` so that a crash at any moment leaves either the old or
-    the new file, never a partial one: a temporary file of this process's own, flush, fsync,
-    rename, fsync the directory. Errors propagate, with the temporary file removed."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
-                                   suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:

@@ -11,7 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__
+from . import __version__, loggers
 from .bench import DEFAULT_OUT, SUITES
 from .config import (
     PRESETS,
@@ -183,6 +183,10 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                        help="start afresh in an OUT_DIR that holds another run's checkpoints")
     train.add_argument("--log-interval", type=int, default=10, metavar="N",
                        help="report the training loss every N steps (default: 10)")
+    train.add_argument("--log", action="append", default=[], metavar="NAME",
+                       choices=("tensorboard", "wandb"),
+                       help="also send the run's record to tensorboard (OUT_DIR/tensorboard) or "
+                            "wandb (WANDB_MODE=offline keeps it on disk); repeatable")
     train.add_argument("--threads", type=_threads, metavar="N", help=threads_help)
     train.add_argument("--join-timeout", type=_join_timeout, default=JOIN_TIMEOUT_S,
                        metavar="S", help="under torchrun: seconds to wait for every process of "
@@ -229,6 +233,15 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto",
                           help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu "
                                "(default: auto)")
+
+    plot = sub.add_parser(
+        "plot", help="draw runs' train and val loss against step and wall-clock time",
+        description="Reads each OUT_DIR/metrics.jsonl; a colour a run, labelled with its "
+                    "directory's name and the settings that differ between the runs.")
+    plot.add_argument("out_dirs", nargs="+", metavar="OUT_DIR",
+                      help="a run's output directory (or its metrics.jsonl)")
+    plot.add_argument("-o", "--output", default="loss.png", metavar="FILE",
+                      help="the picture: .png, .svg or .pdf (default: loss.png)")
 
     doctor = sub.add_parser(
         "doctor", help="check the fused kernels on this machine and time them against torch",
@@ -315,6 +328,7 @@ def _train_options(args: argparse.Namespace) -> dict:
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite cannot be used together: --overwrite starts a "
                         "new run, --resume continues the old one")
+    loggers.check(args.log)
     if args.new_data and not (args.resume and args.data):
         raise UserError("--new-data cannot be used here: it goes with --resume --data FILE")
     for cls in (ModelConfig, TrainConfig):  # answered before torch is imported
@@ -340,7 +354,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(preset or "shakespeare-char", overrides, data=args.data, resume=args.resume,
                     log_interval=args.log_interval, overwrite=args.overwrite,
                     new_data=args.new_data, tune_threads=tune_threads,
-                    join_timeout=args.join_timeout)
+                    join_timeout=args.join_timeout, log=list(dict.fromkeys(args.log)))
     signum = summary["interrupted_by"]
     return 128 + signum if signum else 0
 
@@ -429,6 +443,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     scored = score_checkpoint(path, args.split, pick_device(args.device), args.data,
                               args.batch_size, _note)
     print(scored.line)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import main as plot
+
+    path = plot(args.out_dirs, args.output, _note)
+    print(f"wrote {path}")
     return 0
 
 
@@ -548,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(_preset_in(argv)).parse_args(argv)
     try:
         commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-                    "doctor": cmd_doctor,
+                    "plot": cmd_plot, "doctor": cmd_doctor,
                     "bench": cmd_bench, "torchrun": cmd_torchrun}
         return commands[args.command](args)
     except UserError as e:

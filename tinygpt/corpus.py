@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .files import write_atomically
 
 if sys.platform == "win32":
     import msvcrt
@@ -198,7 +199,7 @@ def _known_sha256(cache: Path, path: Path, size: int, mtime: int) -> str | None:
 def _remember(cache: Path, path: Path, size: int, mtime: int, sha256: str) -> None:
     record = {"path": str(path), "size": size, "mtime_ns": mtime, "sha256": sha256}
     with contextlib.suppress(OSError):  # only a later run's shortcut is lost
-        _write_atomically(_seen_path(cache, path), json.dumps(record).encode())
+        write_atomically(_seen_path(cache, path), lambda f: f.write(json.dumps(record).encode()))
 
 
 def _names(cache: Path, sha256: str, tokenizer: str) -> tuple[Path, Path]:
@@ -356,7 +357,8 @@ def _prepare(path: Path, tokenizer: str, cache: Path, say) -> Corpus:
         os.replace(tmp, ids_path)
         meta = {"format": FORMAT, "tokenizer": tokenizer, "sha256": sha256, "dtype": dtype.name,
                 "length": length, "vocab": vocab, "source": str(path)}
-        _write_atomically(meta_path, json.dumps(meta, ensure_ascii=False).encode())
+        sidecar = json.dumps(meta, ensure_ascii=False).encode()
+        write_atomically(meta_path, lambda f: f.write(sidecar))
     except OSError as e:  # a full disk, most often: without its sidecar, the ids are never used
         raise UserError(f"cannot write the prepared corpus to {cache} ({e.strerror or e}); set "
                         "TINYGPT_CACHE to a directory with room for it") from e
@@ -364,16 +366,3 @@ def _prepare(path: Path, tokenizer: str, cache: Path, say) -> Corpus:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return _open(cache, path, tokenizer, sha256)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".write-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

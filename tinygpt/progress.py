@@ -57,19 +57,21 @@ class Progress:
         except OSError:  # the terminal is gone (SIGHUP): train on without a display
             self.enabled = False
 
-    def update(self, it: int, loss: float) -> None:
-        if not self.enabled:
-            return
+    def update(self, it: int, loss: float) -> float | None:
+        """The status line at step `it`; returns the ms a step took since the last update (None
+        at the first)."""
         now = time.perf_counter()
-        if self.it_last is not None and it > self.it_last:
-            ms = 1000 * (now - self.t_last) / (it - self.it_last)
-            speed = f"{ms:.1f} ms/iter | {self.tokens_per_iter / ms * 1000:,.0f} tok/s"
-        else:
-            speed = "ms/iter from the next report"
+        ms = (1000 * (now - self.t_last) / (it - self.it_last)
+              if self.it_last is not None and it > self.it_last else None)
         self.t_last, self.it_last = now, it
+        if not self.enabled:
+            return ms
+        speed = ("ms/iter from the next report" if ms is None else
+                 f"{ms:.1f} ms/iter | {self.tokens_per_iter / ms * 1000:,.0f} tok/s")
         done = int(20 * it / max(1, self.total))
         self._status(f"[{'#' * done}{'.' * (20 - done)}] {it}/{self.total} loss {loss:.4f} | "
                      f"{speed}")
+        return ms
 
     def evaluating(self, it: int, done: int, total: int) -> None:
         """Progress through a long evaluation: at most once a second on a terminal and once every
@@ -96,13 +98,15 @@ class Progress:
         self._write(text + "\n")
 
     def done(self, it: int, steps: int, elapsed: float, tokens_per_second: float,
-             final_val: float | None, best_val: float, out_dir: str, stopped_by: int) -> None:
+             final_val: float | None, best_val: float, out_dir: str, stopped_by: int,
+             record: str | None = None) -> None:
         """The run's last line: its steps and speed, losses, checkpoints, and what stopped it."""
         self.message(
             f"done: {steps} steps in {elapsed:.1f}s ({tokens_per_second:,.0f} tok/s)"
             + (f" | final val loss {final_val:.4f}" if final_val is not None else "")
             + (f" | best val loss {best_val:.4f}" if math.isfinite(best_val) else "")
             + f" | checkpoints in {out_dir}/"
+            + (f" | record in {record}: tinygpt plot {out_dir}" if record else "")
             + (f" | stopped by {signal.Signals(stopped_by).name} at iteration {it}; "
                f"continue with --resume" if stopped_by else ""))
 

@@ -18,7 +18,7 @@ else:
     import fcntl
 
 LOCK_NAME = ".tinygpt.lock"
-CHECKPOINT_NAMES = ("last.pt", "best.pt")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run leaves, a new one must not replace
 
 
 class OutDirLock:
@@ -55,8 +55,9 @@ class OutDirLock:
         except OSError as e:
             self.__exit__()
             raise UserError(f"cannot write {self.path} ({os_reason(e)})") from e
-        for stale in self.out_dir.glob(".*.pt.*.tmp"):  # a dead run's half-written checkpoint
-            stale.unlink(missing_ok=True)
+        for name in RUN_FILES:  # a dead run's half-written checkpoint or record
+            for stale in self.out_dir.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -91,6 +92,7 @@ def _read_holder(fd: int) -> str:
         return "its details unreadable"
 
 
-def existing_checkpoints(out_dir: str | os.PathLike) -> list[str]:
-    """The checkpoints a run left in `out_dir`, which a new run must not replace unasked."""
-    return [name for name in CHECKPOINT_NAMES if (Path(out_dir) / name).exists()]
+def existing_run_files(out_dir: str | os.PathLike) -> list[str]:
+    """The checkpoints and record a run left in `out_dir`, which a new run must not replace
+    unasked."""
+    return [name for name in RUN_FILES if (Path(out_dir) / name).exists()]

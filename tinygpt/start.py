@@ -29,7 +29,7 @@ from .data import (
 from .errors import UserError
 from .launch import Context
 from .optim import Optimizers
-from .rundir import existing_checkpoints
+from .rundir import existing_run_files
 
 
 @dataclasses.dataclass
@@ -59,7 +59,7 @@ def settle(preset: str, configs: tuple[ModelConfig, TrainConfig] | None, overrid
     if configs is None:
         ckpt_path = out_dir / "last.pt"
         ckpt = load_checkpoint(ckpt_path)
-    elif ctx.is_main and (replacing := existing_checkpoints(out_dir)) and not overwrite:
+    elif ctx.is_main and (replacing := existing_run_files(out_dir)) and not overwrite:
         raise UserError(f"{out_dir}/ already holds a run ({', '.join(replacing)}); continue "
                         "it with --resume, or pass --overwrite or another --out-dir")
     # Every rank reads the same prepared file (one prepares it while the others wait); only

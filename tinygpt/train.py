@@ -10,18 +10,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
-from . import distributed, launch, memory, ops, streams, threads, trust
+from . import distributed, launch, memory, metrics, ops, streams, threads, trust
 from .checkpoint import Writer
 from .config import TrainConfig, from_preset
 from .data import Batches
-from .devices import pick_device
+from .devices import cpu_words, pick_device
 from .errors import Stopped, UserError
 from .evaluate import bits
+from .metrics import Metrics
 from .model import build_model
 from .optim import lower_rates, make_optimizer
 from .progress import Progress, start_line
@@ -33,7 +36,8 @@ from .start import Start, restore, settle
 def train(preset: str = "shakespeare-char", overrides: dict | None = None, data: str | None = None,
           resume: bool = False, log_interval: int = 10, overwrite: bool = False,
           new_data: bool = False, tune_threads: bool = False,
-          join_timeout: float = launch.JOIN_TIMEOUT_S) -> dict:
+          join_timeout: float = launch.JOIN_TIMEOUT_S, record: bool = True,
+          log: list[str] = ()) -> dict:
     """Train a model; returns a summary: losses, timings, checkpoint paths and the model.
 
     A new run refuses an out_dir that holds another run's checkpoints unless `overwrite`; a
@@ -42,6 +46,9 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
     run on the CPU times thread counts and takes the fastest (`tinygpt.threads`). Under torchrun
     every process runs this (data parallel; rank 0 evaluates and writes the checkpoints), and
     the processes give up on each other after `join_timeout` seconds if one does not start.
+    Rank 0 keeps the run's record in OUT_DIR/metrics.jsonl (`tinygpt.metrics`) unless not
+    `record` (the benchmark of its cost), and sends it to the loggers `log` names
+    (`tinygpt.loggers`: "tensorboard", "wandb").
     """
     overrides = dict(overrides or {})
     ctx = launch.from_environment()
@@ -56,7 +63,7 @@ def train(preset: str = "shakespeare-char", overrides: dict | None = None, data:
         stop.check()
         with distributed.session(ctx, device, join_timeout):
             run = _Run(start, ctx, device, stop, log_interval=log_interval,
-                       tune_threads=tune_threads)
+                       tune_threads=tune_threads, record=record, log=list(log))
             try:
                 return run.loop()
             finally:
@@ -90,7 +97,8 @@ class _Run:
     """One training run's state: model, optimizer, data streams, and the loop over steps."""
 
     def __init__(self, start: Start, ctx: launch.Context, device: torch.device,
-                 stop: StopRequest, *, log_interval: int, tune_threads: bool):
+                 stop: StopRequest, *, log_interval: int, tune_threads: bool, record: bool,
+                 log: list[str]):
         cfg, model_cfg = self.cfg, self.model_cfg = start.cfg, start.model_cfg
         self.ctx, self.device, self.stop, self.log_interval = ctx, device, stop, log_interval
         self.tokenizer, self.data = start.tokenizer, start.data  # data: the corpus record
@@ -117,6 +125,13 @@ class _Run:
                                                 else (None, None))
         self.progress.message(start_line(start, ctx, device, self.model, self.optimizer, amp_words,
                                          self.step_threads, self.backend, why))
+        self.run_id = (start.ckpt or {}).get("run") or uuid.uuid4().hex[:16]
+        self.metrics = (Metrics(Path(cfg.out_dir), self.run_id, self._header(start, why),
+                                start.ckpt["iteration"] if start.ckpt is not None else None,
+                                self.progress.say, log)
+                        if ctx.is_main and record else None)
+        self.grad_norm: torch.Tensor | None = None  # before clipping, at the last log step
+        self.t0 = time.perf_counter()
         with self.oom("trying a training step"):
             memory.try_step(self.eval_model, self.optimizer, cfg.batch_size,
                             model_cfg.block_size, device, self.autocast)
@@ -142,6 +157,21 @@ class _Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout: a different stream on every rank
 
+    def _header(self, start: Start, why: str) -> dict:
+        """What the record's header says of the run besides its id."""
+        device = self.device
+        return {"started": metrics.now(), "command": sys.argv,
+                "config": {"model": dataclasses.asdict(self.model_cfg),
+                           "train": dataclasses.asdict(self.cfg)},
+                "backend": self.backend, "backend_why": why, "processes": self.ctx.world_size,
+                "device": str(device), "device_name": (torch.cuda.get_device_name(device)
+                                                       if device.type == "cuda" else cpu_words()),
+                "versions": metrics.versions(), "git": metrics.git_commit(),
+                "data": {**self.data, "tokenizer": self.cfg.tokenizer,
+                         "tokens": len(start.corpus.ids), "vocab_size": start.corpus.vocab_size,
+                         "split": self.cfg.split},
+                "tokens_per_step": self.tokens_per_iter}
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
                               enabled=self.amp_dtype is not None)
@@ -150,7 +180,7 @@ class _Run:
         """Train to max_iters or until a signal. A new run stopped before it has written
         anything (in its first evaluation, say) writes nothing and raises Stopped."""
         history: list[dict] = []
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
         it, stopped_by = self.start_iter, 0
         try:
             while True:
@@ -176,6 +206,7 @@ class _Run:
                 raise Stopped(stopped_by)
             if stopped_by and (payload := self.checkpoint(it, evaluated)) is not None:
                 self.saved.save("last.pt", payload)
+                self._checkpointed()
         finally:
             for hook in self.hooks:
                 hook.remove()
@@ -205,9 +236,15 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             streams.set_state(self.batches, self.device, before)
             return None
+        logged = (it + 1) % self.log_interval == 0 or it + 1 == self.cfg.max_iters
         if self.cfg.grad_clip > 0:
             self.optimizer.unscale(self.scaler)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                            self.cfg.grad_clip)
+        elif logged and self.metrics is not None:
+            self.optimizer.unscale(self.scaler)
+            self.grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step(self.scaler)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -221,16 +258,40 @@ class _Run:
             loss_value = loss.item()
             if distributed.any_rank(not math.isfinite(loss_value), self.device):
                 raise self._diverged(it)
-            self.progress.update(it, loss_value)
+            ms = self.progress.update(it, loss_value)
+            if self.metrics is not None:
+                self.metrics.add(self._step_record(it, loss_value, ms))
         if at_log or not self.ctx.enabled:
             return distributed.agreed_signal(self.stop.signum, self.device)
         return 0
+
+    def _step_record(self, it: int, loss: float, ms: float | None) -> dict:
+        norm = float(self.grad_norm) if self.grad_norm is not None else None
+        record = {"kind": "step", "iter": it, "loss": loss,
+                  "lr": {name: optimizer.param_groups[0]["lr"]
+                         for name, optimizer in self.optimizer.parts.items()},
+                  "grad_norm": norm,
+                  "clipped": norm is not None and 0 < self.cfg.grad_clip < norm,
+                  "ms_per_step": ms, "tokens_per_s": ms and self.tokens_per_iter / ms * 1000,
+                  "elapsed": time.perf_counter() - self.t0}
+        if self.device.type == "cpu":
+            record["threads"] = torch.get_num_threads()
+        elif self.device.type == "cuda":
+            record["cuda_memory_mib"] = torch.cuda.memory_allocated(self.device) / 2**20
+            record["cuda_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return record
+
+    def _checkpointed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.checkpointed()
 
     def evaluate(self, it: int, t0: float) -> tuple[dict | None, bool]:
         """Rank 0 measures both losses and writes the checkpoints; all ranks stop together if
         the loss diverged. Returns rank 0's history entry (None elsewhere) and whether the
         evaluation finished: a stop request cuts it short, the evaluation stream put back."""
+        started = time.perf_counter()
         losses = self._losses(it) if self.ctx.is_main else None
+        seconds = time.perf_counter() - started
         payload = self.checkpoint(it, evaluated=True)
         diverged = losses is not None and not all(map(math.isfinite, losses.values()))
         if distributed.any_rank(diverged, self.device):
@@ -244,9 +305,16 @@ class _Run:
             f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
             f"({bits(losses['val']):.3f} bits/{self.tokenizer.unit})"
             f"{' (best)' if improved else ''}")
+        if self.metrics is not None:
+            self.metrics.add({"kind": "eval", "iter": it, "train": losses["train"],
+                              "val": losses["val"], "val_bits": bits(losses["val"]),
+                              "best_val": self.best_val, "improved": improved,
+                              "saved": ["best.pt", "last.pt"] if improved else ["last.pt"],
+                              "eval_seconds": seconds, "elapsed": time.perf_counter() - self.t0})
         if improved:
             self.saved.save("best.pt", payload)
         self.saved.save("last.pt", payload)
+        self._checkpointed()
         return {"iter": it, **losses, "seconds": time.perf_counter() - t0}, True
 
     def _losses(self, it: int) -> dict | None:
@@ -276,14 +344,16 @@ class _Run:
                 "train_config": dataclasses.asdict(self.cfg), "model": self.model.state_dict(),
                 "backend": self.backend, "optimizer": self.optimizer.state_dict(),
                 "iteration": iteration, "evaluated": evaluated, "best_val_loss": self.best_val,
-                "vocab": self.tokenizer.chars, "data": self.data, "rng": rng}
+                "vocab": self.tokenizer.chars, "data": self.data, "rng": rng, "run": self.run_id}
 
     def summary(self, it: int, elapsed: float, history: list[dict], stopped_by: int) -> dict:
         steps = it - self.start_iter
         speed = steps * self.tokens_per_iter / elapsed if elapsed > 0 else 0.0
         final = history[-1]["val"] if history and history[-1]["iter"] == it else None
+        record = (str(self.metrics.path) if self.metrics is not None and self.metrics.file
+                  else None)
         self.progress.done(it, steps, elapsed, speed, final, self.best_val,
-                           str(self.saved.out_dir), stopped_by)
+                           str(self.saved.out_dir), stopped_by, record)
         return {"iterations": it, "steps": steps, "seconds": elapsed, "tokens_per_second": speed,
                 "best_val_loss": self.best_val, "history": history,
                 "out_dir": str(self.saved.out_dir), "interrupted_by": stopped_by or None,
@@ -297,5 +367,8 @@ class _Run:
                          f"(try {lower_rates(self.cfg)})")
 
     def close(self) -> None:
-        """Let go of the DDP wrapper, which must be gone before `distributed.stop()`."""
+        """Let go of the DDP wrapper, which must be gone before `distributed.stop()`; close the
+        record."""
         self.step_model = self.eval_model
+        if self.metrics is not None:
+            self.metrics.close()

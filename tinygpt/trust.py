@@ -25,10 +25,10 @@ import torch
 from tinygpt import kernels
 
 from . import distributed, ops, verify
-from .checkpoint import write_atomically
 from .config import ModelConfig, TrainConfig
 from .data import cache_dir
 from .errors import UserError, os_reason
+from .files import write_atomically
 from .model import attention_shape
 
 KERNEL_SOURCES = Path(kernels.__file__).parent

@@ -107,7 +107,8 @@ def test_a_full_disk_keeps_the_previous_checkpoints(tmp_path, capsys, corpus_pat
     one_line_error(rc, last_line, f"could not write checkpoint {out}/")
     assert last_line.endswith(".pt (File too large); the previous checkpoint there is unchanged")
     assert {name: (out / name).read_bytes() for name in before} == before
-    assert sorted(p.name for p in out.iterdir()) == [".tinygpt.lock", "best.pt", "last.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".tinygpt.lock", "best.pt", "last.pt",
+                                                     "metrics.jsonl"]
 
 
 KILL_MID_WRITE = """
@@ -149,8 +150,8 @@ def test_training_killed_while_writing_keeps_the_previous_checkpoint(tmp_path, c
     resumed = train("cpu-baby", {"out_dir": str(out)}, data=str(corpus_path), resume=True,
                     log_interval=1000)
     assert resumed["iterations"] == 10  # and training goes on from it
-    assert sorted(p.name for p in out.iterdir()) == [".tinygpt.lock", "best.pt",
-                                                     "last.pt"]  # debris cleared
+    assert sorted(p.name for p in out.iterdir()) == [".tinygpt.lock", "best.pt", "last.pt",
+                                                     "metrics.jsonl"]  # debris cleared
 
 
 def test_checkpoint_vocabulary_must_match_its_embedding(tmp_path, capsys, corpus_path):

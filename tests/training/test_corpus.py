@@ -218,17 +218,17 @@ def test_a_disk_that_fills_while_preparing_ends_in_one_line_and_touches_no_check
 
 def test_a_sidecar_that_cannot_be_written_leaves_ids_no_run_uses(tmp_path, cache, monkeypatch):
     path = write(tmp_path / "t.txt", "abc" * 100)
-    real = corpus._write_atomically
+    real = corpus.write_atomically
 
-    def full(target, data):
+    def full(target, write):
         if target.parent == cache:  # the sidecar; the seen-record lives in seen/
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(target, data)
+        real(target, write)
 
-    monkeypatch.setattr(corpus, "_write_atomically", full)
+    monkeypatch.setattr(corpus, "write_atomically", full)
     with pytest.raises(UserError, match=r"cannot write the prepared corpus .*No space left"):
         corpus.load(path, "chars", cache)
-    monkeypatch.setattr(corpus, "_write_atomically", real)
+    monkeypatch.setattr(corpus, "write_atomically", real)
     lines, say = said_lines()
     assert corpus.load(path, "chars", cache, say).ids.tolist() == expected_ids("abc" * 100)[1]
     assert lines == []  # the ids without a sidecar were never a prepared copy

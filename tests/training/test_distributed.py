@@ -4,6 +4,7 @@ The launches here are the README's: `tinygpt torchrun --nproc_per_node=2 train .
 with tinygpt's checks and one-line errors (tests/cli/test_hostile.py runs plain torchrun too)."""
 
 import gc
+import json
 import os
 import socket
 import sys
@@ -57,7 +58,10 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path, corpus_path, run_co
     assert proc.stderr.count("tinygpt: preset") == 1  # only rank 0 speaks
     assert "| 2 processes x 1 micro-batch of 4 (global batch 8)" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".tinygpt.lock", "best.pt",
-                                                                 "last.pt"]
+                                                                 "last.pt", "metrics.jsonl"]
+    record = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").open()]
+    assert record[0]["processes"] == 2 and [r["kind"] for r in record].count("header") == 1
+    assert [r["iter"] for r in record if r["kind"] == "eval"] == [0, 3, 6]  # rank 0's alone
     single = train("cpu-baby", {**ARGS, "max_iters": 6, "eval_interval": 3,
                                 "out_dir": str(tmp_path / "one")}, data=str(corpus_path))
     two = load_checkpoint(tmp_path / "two" / "last.pt")

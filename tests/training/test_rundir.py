@@ -54,7 +54,8 @@ def test_a_second_run_is_refused_and_the_first_goes_on(tmp_path, capsys, corpus_
     assert first.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "stopped by SIGTERM at iteration" in err
     assert load_checkpoint(out / "last.pt")["iteration"] >= 5
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "best.pt", "last.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "best.pt", "last.pt",
+                                                     "metrics.jsonl"]
 
 
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path, spawn):

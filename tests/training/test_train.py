@@ -261,12 +261,12 @@ def test_a_new_run_does_not_clobber_an_old_one(tmp_path, corpus_path, capsys):
     before = (tmp_path / "out" / "last.pt").read_bytes()
     rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
                          "--device", "cpu", "--out-dir", str(tmp_path / "out"))
-    one_line_error(rc, err, "already holds a run (last.pt, best.pt)")
+    one_line_error(rc, err, "already holds a run (last.pt, best.pt, metrics.jsonl)")
     assert (tmp_path / "out" / "last.pt").read_bytes() == before
     (tmp_path / "out" / "last.pt").unlink()  # a best.pt alone is a run's result too
     rc, _, err = run_cli(capsys, "train", "--preset", "cpu-baby", "--data", str(corpus_path),
                          "--device", "cpu", "--out-dir", str(tmp_path / "out"))
-    one_line_error(rc, err, "already holds a run (best.pt)")
+    one_line_error(rc, err, "already holds a run (best.pt, metrics.jsonl)")
     summary = train("cpu-baby", {**TINY, "max_iters": 1, "eval_interval": 1,
                                  "out_dir": str(tmp_path / "out")},
                     data=str(corpus_path), overwrite=True)
