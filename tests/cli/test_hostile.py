@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from tinygpt import checkpoint as ckpt_mod
-from tinygpt import distributed
+from tinygpt import corpus, distributed
 from tinygpt import generate as generate_mod
 from tinygpt import train as train_mod
 from tinygpt.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.cli import main
+from tinygpt.data import cache_dir
 
 TINY = ["--preset", "cpu-baby", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
         "--block-size", "16", "--batch-size", "4", "--eval-iters", "2", "--device", "cpu",
@@ -240,7 +241,9 @@ def test_a_process_that_never_comes_is_waited_for_aloud_and_given_up_on(tmp_path
 
 def test_a_first_checkpoint_that_cannot_be_written_says_none_was(tmp_path, capsys, corpus_path):
     """A full disk (RLIMIT_FSIZE: the kernel refuses the write with EFBIG, as a full disk does
-    with ENOSPC) at a new run's very first checkpoint: there was no previous one to keep."""
+    with ENOSPC) at a new run's very first checkpoint: there was no previous one to keep. The
+    corpus is prepared first: a generated one is larger than the limit."""
+    corpus.load(corpus_path, "chars", cache_dir() / "corpora")
     out = tmp_path / "out"
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
