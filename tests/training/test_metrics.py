@@ -14,6 +14,7 @@ from tinygpt.config import from_preset
 from tinygpt.errors import UserError
 from tinygpt.metrics import NAME, TIMING
 from tinygpt.optim import lr_at
+from tinygpt.rundir import LOCK_NAME
 from tinygpt.train import _Run, train
 
 RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_accum=2,
@@ -119,10 +120,16 @@ def test_another_runs_record_is_refused_on_resume_and_left_as_it_was(tmp_path, c
     other = tmp_path / "other"
     run(other, corpus_path, max_iters=2, eval_interval=2)
     shutil.copy(other / NAME, tmp_path / NAME)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    before = run_files(tmp_path)
     with pytest.raises(UserError, match=r"metrics.jsonl is the record of another run"):
         run(tmp_path, corpus_path, resume=True)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert run_files(tmp_path) == before
+
+
+def run_files(out_dir):
+    """The files a run keeps, by name, but the lock, which names each run's start time."""
+    return {p.name: p.read_bytes() for p in out_dir.iterdir()
+            if p.is_file() and p.name != LOCK_NAME}
 
 
 def test_a_broken_line_is_refused_naming_it(tmp_path, corpus_path):
