@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import UserError, os_reason
+from .errors import UserError, first_line, os_reason
 
 KINDS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log NAME -> the package it needs
 
@@ -118,11 +118,6 @@ class WandB:
 
     def close(self) -> None:
         self.run.finish()
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def _wandb_key() -> bool:

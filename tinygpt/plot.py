@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, os_reason
 from .metrics import NAME
 
 FORMATS = (".png", ".svg", ".pdf")
@@ -42,7 +42,7 @@ def read(out_dir: Path, say: Callable[[str], None]) -> Run | None:
         say(f"{out_dir}: no run's record there ({path} not found); left out")
         return None
     except OSError as e:
-        say(f"{path}: cannot be read ({e.strerror or e}); left out")
+        say(f"{path}: cannot be read ({os_reason(e)}); left out")
         return None
     header, evals, skipped = {}, [], []
     for number, line in enumerate(lines, 1):
@@ -133,7 +133,7 @@ def curves(path: Path, series: dict[str, dict[str, list[tuple]]], title: str,
     try:
         fig.savefig(path)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e})") from e
+        raise UserError(f"cannot write {path} ({os_reason(e)})") from e
     finally:
         plt.close(fig)
 
